@@ -1,0 +1,137 @@
+//! One test suite, run against every engine.
+
+use super::*;
+
+fn temp_disk(size: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let f = File::create(&path).expect("create");
+    f.set_len(size).expect("set_len");
+    (dir, path)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn suite<B: Backend>(b: &B, path: &Path) {
+    let size = b.size();
+    assert_eq!(size, 4 << 20);
+
+    // Round trips at several offsets and sizes, including the last block.
+    for (off, len, seed) in [
+        (0u64, 4096usize, 1u8),
+        (512, 512, 2),
+        (1 << 20, 128 << 10, 3),
+        (size - 4096, 4096, 4),
+        (size - 1, 1, 5),
+    ] {
+        b.write(off, pattern(seed, len), false).await.expect("write");
+        assert_eq!(b.read(off, len).await.expect("read"), pattern(seed, len));
+    }
+    b.flush().await.expect("flush");
+    b.write(8192, pattern(9, 4096), true).await.expect("fua write");
+
+    // The bytes really are in the file.
+    let raw = std::fs::read(path).expect("read file");
+    assert_eq!(&raw[8192..12288], &pattern(9, 4096)[..]);
+
+    // Out of range is refused, never clamped.
+    assert!(matches!(
+        b.read(size - 4096, 8192).await,
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        b.write(size, vec![0; 1], false).await,
+        Err(StorageError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        b.write(u64::MAX - 1, vec![0; 4], false).await,
+        Err(StorageError::OutOfRange { .. })
+    ));
+
+    // Write-zeroes and trim.
+    b.write(65536, pattern(7, 65536), false).await.expect("write");
+    b.write_zeroes(65536, 65536, false).await.expect("zeroes");
+    assert!(b.read(65536, 65536).await.expect("read").iter().all(|&x| x == 0));
+    b.write(65536, pattern(8, 65536), false).await.expect("write");
+    b.write_zeroes(65536, 32768, true).await.expect("zeroes+trim");
+    let back = b.read(65536, 65536).await.expect("read");
+    assert!(back[..32768].iter().all(|&x| x == 0));
+    assert_eq!(&back[32768..], &pattern(8, 65536)[32768..]);
+    b.trim(0, 65536).await.expect("trim");
+
+    // Many requests in flight at once, each checked.
+    let mut futs = Vec::new();
+    for i in 0..300u64 {
+        futs.push(async move {
+            let off = 2 << 20 | (i * 4096) % (1 << 20);
+            let data = pattern(i as u8, 4096);
+            b.write(off, data.clone(), false).await.expect("write");
+            let back = b.read(off, 4096).await.expect("read");
+            (off, back)
+        });
+    }
+    let results = futures_util::future::join_all(futs).await;
+    for (off, back) in results {
+        let again = b.read(off, 4096).await.expect("read");
+        assert_eq!(back.len(), 4096);
+        assert_eq!(again.len(), 4096);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_engine_suite() {
+    let (_d, path) = temp_disk(4 << 20);
+    let disk = open_disk(&path, None, EngineChoice::Sync).expect("open");
+    assert_eq!(disk.engine(), "sync");
+    suite(&disk, &path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_engine_suite() {
+    let (_d, path) = temp_disk(4 << 20);
+    UringBackend::probe().expect("io_uring must be available on the test machine");
+    let disk = open_disk(&path, None, EngineChoice::Uring).expect("open");
+    assert_eq!(disk.engine(), "io_uring");
+    suite(&disk, &path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_dropped_requests_do_not_leak_or_crash() {
+    let (_d, path) = temp_disk(4 << 20);
+    let disk = open_disk(&path, None, EngineChoice::Uring).expect("open");
+    // Start many writes and drop them half way: buffers stay owned by the engine until the
+    // kernel completes, and the engine keeps working afterwards.
+    for round in 0..20u8 {
+        let mut futs: Vec<_> = (0..64u64)
+            .map(|i| Box::pin(disk.write(i * 65536, pattern(round, 65536), false)))
+            .collect();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        for f in futs.iter_mut() {
+            let _ = f.as_mut().poll(&mut cx);
+        }
+        drop(futs);
+    }
+    disk.write(0, pattern(99, 4096), false).await.expect("write");
+    assert_eq!(disk.read(0, 4096).await.expect("read"), pattern(99, 4096));
+    drop(disk);
+}
+
+#[test]
+fn limit_shrinks_the_visible_size() {
+    let (_d, path) = temp_disk(1 << 20);
+    let f = DiskFile::open(&path, Some(4096)).expect("open");
+    assert_eq!(f.size, 4096);
+    assert!(f.check_range("read", 4096, 1).is_err());
+    assert!(f.check_range("read", 0, 4096).is_ok());
+}
+
+#[test]
+fn missing_disk_names_the_path() {
+    let err = DiskFile::open(Path::new("/nonexistent/disk.img"), None).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+}
