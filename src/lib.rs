@@ -5,6 +5,15 @@
 //! * [`nbd`]: the NBD wire format (pure codec) and the export server built on it.
 //! * [`meta`] / [`bitmap`]: on-disk metadata and the dirty-region bitmap.
 //! * [`config`]: the resource file.
-//! * [`node`]: the daemon: role state, control socket, NBD export lifecycle.
+//! * [`node`]: the daemon: role rules, control socket, NBD export lifecycle.
+//! * [`control`] / [`status`]: the control protocol and the status object of the CLI.
 
+pub mod bitmap;
+pub mod config;
+pub mod control;
+pub mod demo;
+pub mod meta;
+pub mod nbd;
+pub mod node;
+pub mod status;
 pub mod storage;

@@ -12,6 +12,7 @@
 //! [`open_disk`] probes io_uring once at start-up and logs the engine it chose.
 //! A flush (and a FUA write) completes only once the data is durable (`fdatasync`).
 
+mod buf;
 mod sync;
 mod uring;
 
@@ -24,6 +25,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use buf::IoBuf;
 pub use sync::SyncBackend;
 pub use uring::UringBackend;
 
@@ -86,14 +88,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Usable size in bytes.
     fn size(&self) -> u64;
     /// Reads `len` bytes at `offset`.
-    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    fn read(&self, offset: u64, len: usize) -> impl Future<Output = Result<IoBuf>> + Send;
     /// Writes `data` at `offset`; with `fua` the data is durable when this completes.
-    fn write(
-        &self,
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn write(&self, offset: u64, data: IoBuf, fua: bool)
+        -> impl Future<Output = Result<()>> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
     /// Discards a range (a hint: the range may read back as anything until written).
@@ -176,13 +174,13 @@ impl Backend for Disk {
             Disk::Sync(b) => b.size(),
         }
     }
-    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
         match self {
             Disk::Uring(b) => b.read(offset, len).await,
             Disk::Sync(b) => b.read(offset, len).await,
         }
     }
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
         match self {
             Disk::Uring(b) => b.write(offset, data, fua).await,
             Disk::Sync(b) => b.write(offset, data, fua).await,
@@ -234,10 +232,13 @@ impl DiskFile {
         })?;
         let ft = md.file_type();
         let (is_block, raw_size) = if ft.is_block_device() {
-            (true, block_device_size(&file).map_err(|source| StorageError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?)
+            (
+                true,
+                block_device_size(&file).map_err(|source| StorageError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            )
         } else if ft.is_file() {
             (false, md.len())
         } else {
@@ -274,16 +275,8 @@ pub fn disk_size(path: &Path) -> Result<u64> {
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
-nix::ioctl_write_ptr_bad!(
-    blkdiscard,
-    nix::request_code_none!(0x12, 119),
-    [u64; 2]
-);
-nix::ioctl_write_ptr_bad!(
-    blkzeroout,
-    nix::request_code_none!(0x12, 127),
-    [u64; 2]
-);
+nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
 fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;

@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::{trim_blocking, write_zeroes_blocking, Backend, DiskFile, Result, StorageError};
+use super::{trim_blocking, write_zeroes_blocking, Backend, DiskFile, IoBuf, Result, StorageError};
 
 /// Positional IO (`pread`/`pwrite`/`fdatasync`) on the blocking pool.
 pub struct SyncBackend {
@@ -38,10 +38,10 @@ impl Backend for SyncBackend {
         self.disk.size
     }
 
-    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
         self.disk.check_range("read", offset, len as u64)?;
         self.blocking(move |d| {
-            let mut buf = vec![0u8; len];
+            let mut buf = IoBuf::with_len(len);
             d.file
                 .read_exact_at(&mut buf, offset)
                 .map_err(|source| StorageError::Io {
@@ -55,7 +55,7 @@ impl Backend for SyncBackend {
         .await
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
         self.disk.check_range("write", offset, data.len() as u64)?;
         self.blocking(move |d| {
             let len = data.len() as u64;

@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -22,10 +23,14 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{trim_blocking, write_zeroes_blocking, Backend, DiskFile, Result, StorageError};
+use super::{trim_blocking, write_zeroes_blocking, Backend, DiskFile, IoBuf, Result, StorageError};
 
 /// Submission queue depth; also the cap on requests in flight.
 const RING_ENTRIES: u32 = 256;
+/// Transfers from this size on are handed to the kernel's worker threads, so the copy runs
+/// on another CPU while this thread goes on with the socket. Below it, the hand-off costs more
+/// than the copy.
+const PARALLEL_COPY: usize = 128 * 1024;
 /// Largest single transfer handed to the kernel at once.
 const MAX_CHUNK: usize = 1 << 30;
 
@@ -33,13 +38,13 @@ enum Slot {
     Free,
     Pending {
         waker: Option<Waker>,
-        buf: Option<Vec<u8>>,
+        buf: Option<IoBuf>,
         abandoned: bool,
         _permit: OwnedSemaphorePermit,
     },
     Done {
         res: i32,
-        buf: Option<Vec<u8>>,
+        buf: Option<IoBuf>,
     },
 }
 
@@ -225,9 +230,9 @@ impl UringBackend {
     /// Returns the raw result (negative errno on failure) and the buffer.
     async fn run(
         &self,
-        mut buf: Option<Vec<u8>>,
-        make: impl FnOnce(Option<&mut Vec<u8>>) -> squeue::Entry,
-    ) -> (i32, Option<Vec<u8>>) {
+        mut buf: Option<IoBuf>,
+        make: impl FnOnce(Option<&mut IoBuf>) -> squeue::Entry,
+    ) -> (i32, Option<IoBuf>) {
         let permit = match Arc::clone(&self.shared.permits).acquire_owned().await {
             Ok(p) => p,
             Err(_) => return (-libc::ESHUTDOWN, buf),
@@ -279,13 +284,7 @@ impl UringBackend {
     }
 
     /// Reads or writes `len` bytes at `offset`, resubmitting after short transfers.
-    async fn transfer(
-        &self,
-        write: bool,
-        offset: u64,
-        mut buf: Vec<u8>,
-        fua: bool,
-    ) -> Result<Vec<u8>> {
+    async fn transfer(&self, write: bool, offset: u64, mut buf: IoBuf, fua: bool) -> Result<IoBuf> {
         let op = if write { "write" } else { "read" };
         let len = buf.len();
         self.shared.disk.check_range(op, offset, len as u64)?;
@@ -306,7 +305,12 @@ impl UringBackend {
                             .rw_flags(flags)
                             .build()
                     } else {
-                        opcode::Read::new(fd, ptr, chunk as u32).offset(pos).build()
+                        let e = opcode::Read::new(fd, ptr, chunk as u32).offset(pos).build();
+                        if chunk >= PARALLEL_COPY {
+                            e.flags(squeue::Flags::ASYNC)
+                        } else {
+                            e
+                        }
                     }
                 })
                 .await;
@@ -355,12 +359,29 @@ impl Backend for UringBackend {
         self.shared.disk.size
     }
 
-    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.transfer(false, offset, vec![0u8; len], false).await
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
+        self.transfer(false, offset, IoBuf::with_len(len), false)
+            .await
     }
 
-    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
-        self.transfer(true, offset, data, fua).await.map(drop)
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
+        if fua || data.len() >= PARALLEL_COPY {
+            return self.transfer(true, offset, data, fua).await.map(drop);
+        }
+        // A buffered write is a copy into the page cache. io_uring cannot do that without
+        // blocking on filesystems lacking async buffered writes (ext4), so it hands every one
+        // to a kernel worker thread and back: two thread switches that cost more than the copy.
+        // Done right here, the copy never leaves the calling thread.
+        let disk = &self.shared.disk;
+        disk.check_range("write", offset, data.len() as u64)?;
+        disk.file
+            .write_all_at(&data, offset)
+            .map_err(|source| StorageError::Io {
+                op: "write",
+                offset,
+                len: data.len() as u64,
+                source,
+            })
     }
 
     async fn flush(&self) -> Result<()> {
@@ -407,7 +428,7 @@ struct Completion<'a> {
 }
 
 impl Future for Completion<'_> {
-    type Output = (i32, Option<Vec<u8>>);
+    type Output = (i32, Option<IoBuf>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(idx) = self.idx else {

@@ -1,0 +1,819 @@
+//! The NBD export server: listeners, the option negotiation and the transmission phase.
+//!
+//! A session runs as one task. In transmission it multiplexes three things with `select!`:
+//! reading requests (into its own buffer, so a read interrupted by another branch loses
+//! nothing), running the requests it has read (many in flight, polled in the same task, so
+//! no thread hand-off sits on the request path), and writing replies as they complete
+//! (vectored, batched: replies that complete together leave in one `writev`).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
+
+use super::proto::{self, *};
+use crate::storage::{Backend, IoBuf};
+
+/// Longest a client may take to finish the negotiation.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests in flight per connection before the session stops reading more.
+const MAX_IN_FLIGHT: usize = 512;
+/// Payload bytes in flight per connection (reads and writes) before it stops reading more.
+const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
+/// Connections accepted at once per listener.
+const MAX_CONNECTIONS: usize = 256;
+/// Largest read or write payload (the Linux client sends up to 32 MiB).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Preferred block size advertised to clients.
+pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// The data an export serves: a storage backend and its visible size.
+pub struct Export<B: Backend> {
+    pub backend: Arc<B>,
+    pub size: u64,
+}
+
+/// Whether this node serves the export right now.
+pub enum ExportState<B: Backend> {
+    Open(Arc<Export<B>>),
+    /// Not served; the reason is sent to clients (e.g. "node beta is secondary").
+    Closed(String),
+}
+
+impl<B: Backend> Clone for ExportState<B> {
+    fn clone(&self) -> Self {
+        match self {
+            ExportState::Open(e) => ExportState::Open(Arc::clone(e)),
+            ExportState::Closed(r) => ExportState::Closed(r.clone()),
+        }
+    }
+}
+
+/// What every session of a server shares.
+pub struct ServerCtx<B: Backend> {
+    /// The export name (the resource name); the empty name is accepted too.
+    pub name: String,
+    pub description: String,
+    pub state: watch::Receiver<ExportState<B>>,
+    /// Sessions in the transmission phase now.
+    pub clients: AtomicUsize,
+    /// Requests served since start, for statistics.
+    pub requests: AtomicU64,
+}
+
+impl<B: Backend> ServerCtx<B> {
+    pub fn new(name: String, state: watch::Receiver<ExportState<B>>) -> ServerCtx<B> {
+        ServerCtx {
+            description: format!("twinbd resource {name}"),
+            name,
+            state,
+            clients: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut f = TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_CACHE
+            // Every connection shares one backend, and a flush syncs the whole disk: a flush
+            // on any connection covers the writes completed on all of them.
+            | TFLAG_CAN_MULTI_CONN;
+        if structured {
+            // Reads are always answered in one chunk, so "don't fragment" always holds.
+            f |= TFLAG_SEND_DF;
+        }
+        f
+    }
+
+    fn name_matches(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+}
+
+/// Errors that end a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("client did not finish the negotiation within {0:?}")]
+    NegotiationTimeout(Duration),
+    #[error("option of {0} bytes is too large")]
+    OptionTooBig(u32),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A listening socket for the export.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Listener {
+    /// Binds the NBD address of a node: `host:port` or `unix:/path`.
+    pub async fn bind(addr: &crate::config::NbdAddr) -> io::Result<Listener> {
+        match addr {
+            crate::config::NbdAddr::Tcp(sa) => {
+                let sock = if sa.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                sock.set_reuseaddr(true)?;
+                sock.bind(*sa)?;
+                Ok(Listener::Tcp(sock.listen(128)?))
+            }
+            crate::config::NbdAddr::Unix(path) => {
+                // A socket file left by a previous run that is not listening any more.
+                if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
+                let l = tokio::net::UnixListener::bind(path)?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, one session task each.
+pub async fn serve<B: Backend>(
+    listener: Listener,
+    ctx: Arc<ServerCtx<B>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    let result = match stream {
+                        Stream::Tcp(s) => {
+                            let _ = s.set_nodelay(true);
+                            let (r, w) = s.into_split();
+                            run_session(r, w, &ctx).await
+                        }
+                        Stream::Unix(s) => {
+                            let (r, w) = s.into_split();
+                            run_session(r, w, &ctx).await
+                        }
+                    };
+                    match result {
+                        Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
+                        Err(e) => tracing::info!(%peer, error = %e, "NBD session ended"),
+                    }
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "NBD accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<(Stream, String)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            Ok((Stream::Tcp(s), a.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            Ok((Stream::Unix(s), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+/// Runs one client connection: negotiation, then transmission until the client disconnects
+/// or the export closes.
+pub async fn run_session<B, R, W>(r: R, mut w: W, ctx: &ServerCtx<B>) -> Result<(), SessionError>
+where
+    B: Backend,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut r = r;
+    let negotiated =
+        match tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut r, &mut w, ctx)).await {
+            Ok(res) => res?,
+            Err(_) => return Err(SessionError::NegotiationTimeout(NEGOTIATION_TIMEOUT)),
+        };
+    let Some((export, structured)) = negotiated else {
+        return Ok(());
+    };
+    ctx.clients.fetch_add(1, Ordering::SeqCst);
+    let flags = ctx.transmission_flags(structured);
+    let lim = Limits {
+        size: export.size,
+        flags,
+        max_payload: MAX_PAYLOAD,
+        structured,
+    };
+    let mut state = ctx.state.clone();
+    let res = Transmission {
+        r,
+        w,
+        rbuf: BytesMut::with_capacity(256 * 1024),
+        out: OutQueue::default(),
+        lim,
+        export,
+    }
+    .run(&mut state, &ctx.requests)
+    .await;
+    ctx.clients.fetch_sub(1, Ordering::SeqCst);
+    res
+}
+
+/// The fixed-newstyle negotiation. Returns the export and whether structured replies were
+/// agreed, or `None` when the client ended the negotiation.
+async fn negotiate<B, R, W>(
+    r: &mut R,
+    w: &mut W,
+    ctx: &ServerCtx<B>,
+) -> Result<Option<(Arc<Export<B>>, bool)>, SessionError>
+where
+    B: Backend,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    encode_greeting(&mut out);
+    w.write_all(&out).await?;
+    let mut cf = [0u8; 4];
+    r.read_exact(&mut cf).await?;
+    let client = decode_client_flags(cf)?;
+    let mut structured = false;
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_LEN];
+        r.read_exact(&mut hdr).await?;
+        let h = decode_option_header(&hdr)?;
+        out.clear();
+        if h.len > MAX_OPTION_LEN {
+            encode_option_error(
+                &mut out,
+                h.option,
+                REP_ERR_TOO_BIG,
+                &format!("option data of {} bytes exceeds {MAX_OPTION_LEN}", h.len),
+            );
+            w.write_all(&out).await?;
+            return Err(SessionError::OptionTooBig(h.len));
+        }
+        let mut data = vec![0u8; h.len as usize];
+        r.read_exact(&mut data).await?;
+        let opt = match decode_option(h.option, &data) {
+            Ok(o) => o,
+            Err(InvalidOption(msg)) => {
+                if h.option == OPT_EXPORT_NAME {
+                    // No error reply exists for EXPORT_NAME: the only answer is to hang up.
+                    return Err(SessionError::Refused(format!("bad export name: {msg}")));
+                }
+                encode_option_error(&mut out, h.option, REP_ERR_INVALID, &msg);
+                w.write_all(&out).await?;
+                continue;
+            }
+        };
+        let current = ctx.state.borrow().clone();
+        match opt {
+            ClientOption::Abort => {
+                encode_option_reply(&mut out, OPT_ABORT, REP_ACK, &[]);
+                // The client may already have closed; the reply is a courtesy.
+                let _ = w.write_all(&out).await;
+                return Ok(None);
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    encode_option_error(
+                        &mut out,
+                        h.option,
+                        REP_ERR_INVALID,
+                        "structured replies already negotiated",
+                    );
+                } else {
+                    structured = true;
+                    encode_option_reply(&mut out, h.option, REP_ACK, &[]);
+                }
+            }
+            ClientOption::List => match &current {
+                ExportState::Open(_) => {
+                    encode_server_entry(&mut out, &ctx.name, &ctx.description);
+                    encode_option_reply(&mut out, OPT_LIST, REP_ACK, &[]);
+                }
+                ExportState::Closed(reason) => {
+                    encode_option_error(&mut out, OPT_LIST, REP_ERR_POLICY, reason)
+                }
+            },
+            ClientOption::Info { go, name, requests } => {
+                if !ctx.name_matches(&name) {
+                    encode_option_error(
+                        &mut out,
+                        h.option,
+                        REP_ERR_UNKNOWN,
+                        &format!(
+                            "no export named {name:?}; this server exports {:?}",
+                            ctx.name
+                        ),
+                    );
+                } else {
+                    match &current {
+                        ExportState::Closed(reason) => {
+                            encode_option_error(&mut out, h.option, REP_ERR_POLICY, reason)
+                        }
+                        ExportState::Open(export) => {
+                            let info = ExportInfo {
+                                name: ctx.name.clone(),
+                                description: ctx.description.clone(),
+                                size: export.size,
+                                flags: ctx.transmission_flags(structured),
+                                min_block: 1,
+                                preferred_block: PREFERRED_BLOCK,
+                                max_block: MAX_PAYLOAD,
+                            };
+                            encode_info_replies(&mut out, h.option, &info, &requests);
+                            encode_option_reply(&mut out, h.option, REP_ACK, &[]);
+                            if go {
+                                w.write_all(&out).await?;
+                                return Ok(Some((Arc::clone(export), structured)));
+                            }
+                        }
+                    }
+                }
+            }
+            ClientOption::ExportName(name) => {
+                if !ctx.name_matches(&name) {
+                    return Err(SessionError::Refused(format!("no export named {name:?}")));
+                }
+                let ExportState::Open(export) = &current else {
+                    let ExportState::Closed(reason) = current else {
+                        unreachable!("state is either open or closed")
+                    };
+                    return Err(SessionError::Refused(reason));
+                };
+                let flags = ctx.transmission_flags(structured);
+                encode_export_name_reply(&mut out, export.size, flags, client.no_zeroes);
+                w.write_all(&out).await?;
+                return Ok(Some((Arc::clone(export), structured)));
+            }
+            ClientOption::Unsupported(o) => {
+                let what = if o == OPT_STARTTLS {
+                    "TLS is not supported by this server".to_string()
+                } else {
+                    format!("option {o} is not supported by this server")
+                };
+                encode_option_error(&mut out, o, REP_ERR_UNSUP, &what);
+            }
+        }
+        w.write_all(&out).await?;
+    }
+}
+
+/// A completed request, ready to be encoded.
+struct Done {
+    cookie: u64,
+    command: u16,
+    offset: u64,
+    len: u32,
+    result: Result<Option<IoBuf>, (u32, String)>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// Replies waiting to be written: headers are collected in `tail`, read data is queued as is.
+#[derive(Default)]
+struct OutQueue {
+    /// Buffers in the order they go out.
+    bufs: VecDeque<IoBuf>,
+    /// Bytes of the front buffer already written.
+    pos: usize,
+    /// Headers appended after the last queued buffer.
+    tail: Vec<u8>,
+}
+
+impl OutQueue {
+    fn small(&mut self) -> &mut Vec<u8> {
+        &mut self.tail
+    }
+
+    fn data(&mut self, data: IoBuf) {
+        if !data.is_empty() {
+            self.seal();
+            self.bufs.push_back(data);
+        }
+    }
+
+    /// Queues the collected headers behind the buffers already queued.
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            let v = std::mem::take(&mut self.tail);
+            self.bufs.push_back(IoBuf::from_vec(v));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bufs.is_empty() && self.tail.is_empty()
+    }
+
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut v = Vec::with_capacity(self.bufs.len().min(64));
+        for (i, b) in self.bufs.iter().take(64).enumerate() {
+            let s = if i == 0 { &b[self.pos..] } else { &b[..] };
+            v.push(IoSlice::new(s));
+        }
+        v
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.bufs.front() else {
+                return;
+            };
+            let left = front.len() - self.pos;
+            if n >= left {
+                n -= left;
+                self.pos = 0;
+                self.bufs.pop_front();
+            } else {
+                self.pos += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+struct Transmission<B: Backend, R, W> {
+    r: R,
+    w: W,
+    rbuf: BytesMut,
+    out: OutQueue,
+    lim: Limits,
+    export: Arc<Export<B>>,
+}
+
+enum Event {
+    Done(Done),
+    Wrote(io::Result<usize>),
+    Read(io::Result<usize>),
+    StateChanged(bool),
+}
+
+/// What the reader is doing.
+enum ReadState {
+    /// Waiting for a request header.
+    Header,
+    /// Filling the payload of a write.
+    Payload {
+        req: Request,
+        buf: IoBuf,
+        filled: usize,
+    },
+    /// Discarding the payload of a write that was refused.
+    Discard { req: Request, errno: u32, left: u64 },
+}
+
+impl<B, R, W> Transmission<B, R, W>
+where
+    B: Backend,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    async fn run(
+        mut self,
+        state: &mut watch::Receiver<ExportState<B>>,
+        counter: &AtomicU64,
+    ) -> Result<(), SessionError> {
+        let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+        let mut in_flight_bytes: u64 = 0;
+        let mut rstate = ReadState::Header;
+        let mut reading = true;
+        let mut result = Ok(());
+        // Replies being written; `self.out` collects new ones meanwhile.
+        let mut wq = OutQueue::default();
+        loop {
+            // Turn everything already buffered into requests before waiting on anything.
+            if reading {
+                match self.parse_buffered(&mut rstate, &mut pending, &mut in_flight_bytes) {
+                    Ok(true) => {}
+                    Ok(false) => reading = false, // NBD_CMD_DISC
+                    Err(e) => {
+                        result = Err(e);
+                        reading = false;
+                    }
+                }
+            }
+            if !reading && pending.is_empty() && self.out.is_empty() && wq.is_empty() {
+                break;
+            }
+            let can_read = reading
+                && pending.len() < MAX_IN_FLIGHT
+                && (in_flight_bytes < MAX_IN_FLIGHT_BYTES || pending.is_empty());
+            if wq.is_empty() {
+                std::mem::swap(&mut self.out, &mut wq);
+                wq.seal();
+            }
+            let ev = {
+                let Transmission { r, w, rbuf, .. } = &mut self;
+                let slices = wq.slices();
+                tokio::select! {
+                    biased;
+                    Some(done) = pending.next(), if !pending.is_empty() => Event::Done(done),
+                    n = w.write_vectored(&slices), if !slices.is_empty() => Event::Wrote(n),
+                    n = read_some(r, rbuf, &mut rstate), if can_read => Event::Read(n),
+                    changed = state.changed(), if reading => Event::StateChanged(changed.is_ok()),
+                }
+            };
+            match ev {
+                Event::Done(done) => {
+                    let structured = self.lim.structured;
+                    in_flight_bytes -= u64::from(done.len).min(in_flight_bytes);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    encode_done(&mut self.out, done, structured);
+                    // Collect every other completion ready now, to write them together.
+                    while let Some(Some(done)) =
+                        futures_util::FutureExt::now_or_never(pending.next())
+                    {
+                        in_flight_bytes -= u64::from(done.len).min(in_flight_bytes);
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        encode_done(&mut self.out, done, structured);
+                    }
+                }
+                Event::Wrote(Ok(n)) if n > 0 => wq.advance(n),
+                Event::Wrote(n) => {
+                    // The client is gone: finish what is in flight, then stop.
+                    result = match n {
+                        Err(e) => Err(e.into()),
+                        Ok(_) => Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                    };
+                    while pending.next().await.is_some() {}
+                    return result;
+                }
+                Event::Read(Ok(0)) => reading = false,
+                Event::Read(Ok(_)) => {}
+                Event::Read(Err(e)) => {
+                    result = Err(e.into());
+                    reading = false;
+                }
+                Event::StateChanged(alive) => {
+                    let still_ours = alive
+                        && matches!(&*state.borrow(),
+                            ExportState::Open(e) if Arc::ptr_eq(e, &self.export));
+                    if !still_ours {
+                        tracing::info!("export closed: disconnecting NBD client");
+                        reading = false;
+                    }
+                }
+            }
+        }
+        let _ = self.w.flush().await;
+        let _ = self.w.shutdown().await;
+        result
+    }
+
+    /// Parses every complete request in the read buffer and starts it. Returns `Ok(false)`
+    /// after `NBD_CMD_DISC`.
+    fn parse_buffered(
+        &mut self,
+        rstate: &mut ReadState,
+        pending: &mut FuturesUnordered<Pending>,
+        in_flight_bytes: &mut u64,
+    ) -> Result<bool, SessionError> {
+        loop {
+            match rstate {
+                ReadState::Header => {
+                    if self.rbuf.len() < REQUEST_LEN {
+                        return Ok(true);
+                    }
+                    let mut hdr = [0u8; REQUEST_LEN];
+                    hdr.copy_from_slice(&self.rbuf[..REQUEST_LEN]);
+                    self.rbuf.advance(REQUEST_LEN);
+                    let req = decode_request(&hdr)?;
+                    if req.command == CMD_DISC {
+                        return Ok(false);
+                    }
+                    let check = proto::check_request(&req, &self.lim);
+                    if req.command == CMD_WRITE {
+                        match check {
+                            Ok(()) => {
+                                let len = req.len as usize;
+                                let take = len.min(self.rbuf.len());
+                                let mut buf = IoBuf::with_len(len);
+                                buf[..take].copy_from_slice(&self.rbuf[..take]);
+                                self.rbuf.advance(take);
+                                *rstate = ReadState::Payload {
+                                    req,
+                                    buf,
+                                    filled: take,
+                                };
+                            }
+                            Err(errno) => {
+                                *rstate = ReadState::Discard {
+                                    req,
+                                    errno,
+                                    left: u64::from(req.len),
+                                };
+                            }
+                        }
+                        continue;
+                    }
+                    match check {
+                        Ok(()) => {
+                            if req.command == CMD_READ {
+                                *in_flight_bytes += u64::from(req.len);
+                            }
+                            pending.push(start(&self.export, req, None));
+                        }
+                        Err(errno) => pending.push(refused(req, errno)),
+                    }
+                }
+                ReadState::Payload { req, buf, filled } => {
+                    if *filled < buf.len() {
+                        let take = (buf.len() - *filled).min(self.rbuf.len());
+                        buf[*filled..*filled + take].copy_from_slice(&self.rbuf[..take]);
+                        self.rbuf.advance(take);
+                        *filled += take;
+                    }
+                    if *filled < buf.len() {
+                        return Ok(true);
+                    }
+                    let req = *req;
+                    let data = std::mem::take(buf);
+                    *in_flight_bytes += u64::from(req.len);
+                    pending.push(start(&self.export, req, Some(data)));
+                    *rstate = ReadState::Header;
+                }
+                ReadState::Discard { req, errno, left } => {
+                    let take = (*left).min(self.rbuf.len() as u64);
+                    self.rbuf.advance(take as usize);
+                    *left -= take;
+                    if *left > 0 {
+                        return Ok(true);
+                    }
+                    pending.push(refused(*req, *errno));
+                    *rstate = ReadState::Header;
+                }
+            }
+        }
+    }
+}
+
+/// Reads more bytes: large write payloads straight into their buffer, everything else into the
+/// session's read buffer. Cancel-safe: an interrupted call has consumed nothing.
+async fn read_some<R: AsyncRead + Unpin>(
+    r: &mut R,
+    rbuf: &mut BytesMut,
+    rstate: &mut ReadState,
+) -> io::Result<usize> {
+    if let ReadState::Payload { buf, filled, .. } = rstate {
+        if buf.len() - *filled >= 64 * 1024 {
+            let n = r.read(&mut buf[*filled..]).await?;
+            *filled += n;
+            return Ok(n);
+        }
+    }
+    if rbuf.capacity() - rbuf.len() < 64 * 1024 {
+        rbuf.reserve(256 * 1024);
+    }
+    r.read_buf(rbuf).await
+}
+
+fn refused(req: Request, errno: u32) -> Pending {
+    let msg = format!(
+        "{} of {} bytes at offset {} refused",
+        command_name(req.command),
+        req.len,
+        req.offset
+    );
+    Box::pin(std::future::ready(Done {
+        cookie: req.cookie,
+        command: req.command,
+        offset: req.offset,
+        len: 0,
+        result: Err((errno, msg)),
+    }))
+}
+
+fn start<B: Backend>(export: &Arc<Export<B>>, req: Request, payload: Option<IoBuf>) -> Pending {
+    let export = Arc::clone(export);
+    Box::pin(async move {
+        let b = &export.backend;
+        let off = req.offset;
+        let len = u64::from(req.len);
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let result = match req.command {
+            CMD_READ => b.read(off, req.len as usize).await.map(Some),
+            CMD_WRITE => b
+                .write(off, payload.unwrap_or_default(), fua)
+                .await
+                .map(|_| None),
+            CMD_FLUSH => b.flush().await.map(|_| None),
+            CMD_TRIM => {
+                async {
+                    b.trim(off, len).await?;
+                    if fua {
+                        b.flush().await?;
+                    }
+                    Ok(None)
+                }
+                .await
+            }
+            CMD_WRITE_ZEROES => {
+                async {
+                    b.write_zeroes(off, len, req.flags & CMD_FLAG_NO_HOLE == 0)
+                        .await?;
+                    if fua {
+                        b.flush().await?;
+                    }
+                    Ok(None)
+                }
+                .await
+            }
+            // The data is in the page cache or on a local disk already: nothing to prefetch
+            // beyond what a read would do, so CACHE succeeds at once.
+            CMD_CACHE => Ok(None),
+            _ => Err(crate::storage::StorageError::Closed),
+        };
+        let len = match req.command {
+            CMD_READ | CMD_WRITE => req.len,
+            _ => 0,
+        };
+        Done {
+            cookie: req.cookie,
+            command: req.command,
+            offset: off,
+            len,
+            result: result.map_err(|e| {
+                tracing::warn!(error = %e, "NBD {} failed", command_name(req.command));
+                (e.errno() as u32, e.to_string())
+            }),
+        }
+    })
+}
+
+fn encode_done(out: &mut OutQueue, done: Done, structured: bool) {
+    match done.result {
+        Ok(data) => {
+            if structured {
+                match data {
+                    Some(d) if done.command == CMD_READ && !d.is_empty() => {
+                        encode_read_chunk_header(
+                            out.small(),
+                            done.cookie,
+                            done.offset,
+                            d.len() as u32,
+                        );
+                        out.data(d);
+                    }
+                    _ => encode_structured_done(out.small(), done.cookie),
+                }
+            } else {
+                encode_simple_reply(out.small(), done.cookie, 0);
+                if let Some(d) = data {
+                    out.data(d);
+                }
+            }
+        }
+        Err((errno, msg)) => {
+            if structured {
+                encode_structured_error(out.small(), done.cookie, errno, &msg);
+            } else {
+                encode_simple_reply(out.small(), done.cookie, errno);
+            }
+        }
+    }
+}

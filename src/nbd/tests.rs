@@ -1,0 +1,450 @@
+//! Session tests over in-memory pipes, asserting raw bytes: handshake, requests, and hostile
+//! input (truncated, oversized, garbage).
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::watch;
+
+use super::proto::*;
+use super::server::*;
+use crate::storage::{open_disk, Disk, EngineChoice};
+
+const SIZE: u64 = 1 << 20;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    tx: watch::Sender<ExportState<Disk>>,
+    ctx: Arc<ServerCtx<Disk>>,
+    export: Arc<Export<Disk>>,
+}
+
+fn harness(open: bool) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("d.img");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(SIZE))
+        .expect("disk");
+    let disk = open_disk(&path, None, EngineChoice::Auto).expect("open");
+    let export = Arc::new(Export {
+        backend: Arc::new(disk),
+        size: SIZE,
+    });
+    let state = if open {
+        ExportState::Open(Arc::clone(&export))
+    } else {
+        ExportState::Closed("twinbd node beta is secondary; only the primary serves r0".into())
+    };
+    let (tx, rx) = watch::channel(state);
+    let ctx = Arc::new(ServerCtx::new("r0".into(), rx));
+    Harness {
+        _dir: dir,
+        tx,
+        ctx,
+        export,
+    }
+}
+
+/// Starts a session on one end of a pipe; returns the client end and the session's result.
+fn connect(
+    h: &Harness,
+) -> (
+    DuplexStream,
+    tokio::task::JoinHandle<Result<(), SessionError>>,
+) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let ctx = Arc::clone(&h.ctx);
+    let task = tokio::spawn(async move {
+        let (r, w) = tokio::io::split(server);
+        run_session(r, w, &ctx).await
+    });
+    (client, task)
+}
+
+async fn greet(c: &mut DuplexStream) {
+    let mut g = [0u8; 18];
+    c.read_exact(&mut g).await.expect("greeting");
+    assert_eq!(&g[0..8], b"NBDMAGIC");
+    assert_eq!(&g[8..16], b"IHAVEOPT");
+    assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3);
+    c.write_all(&3u32.to_be_bytes()).await.expect("flags");
+}
+
+async fn send_option(c: &mut DuplexStream, option: u32, data: &[u8]) {
+    let mut m = Vec::new();
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    c.write_all(&m).await.expect("option");
+}
+
+/// Reads one option reply: (option, type, data).
+async fn option_reply(c: &mut DuplexStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).await.expect("option reply");
+    assert_eq!(
+        u64::from_be_bytes(h[0..8].try_into().unwrap()),
+        OPTION_REPLY_MAGIC
+    );
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut d = vec![0u8; len as usize];
+    c.read_exact(&mut d).await.expect("option data");
+    (opt, typ, d)
+}
+
+fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+/// Negotiates GO (optionally structured); returns the transmission flags.
+async fn go(c: &mut DuplexStream, structured: bool) -> u16 {
+    greet(c).await;
+    if structured {
+        send_option(c, OPT_STRUCTURED_REPLY, &[]).await;
+        assert_eq!(option_reply(c).await.1, REP_ACK);
+    }
+    send_option(c, OPT_GO, &go_data("r0", &[INFO_BLOCK_SIZE])).await;
+    let mut flags = 0;
+    loop {
+        let (opt, typ, d) = option_reply(c).await;
+        assert_eq!(opt, OPT_GO);
+        match typ {
+            REP_INFO => {
+                let kind = u16::from_be_bytes([d[0], d[1]]);
+                if kind == INFO_EXPORT {
+                    assert_eq!(u64::from_be_bytes(d[2..10].try_into().unwrap()), SIZE);
+                    flags = u16::from_be_bytes([d[10], d[11]]);
+                }
+                if kind == INFO_BLOCK_SIZE {
+                    assert_eq!(u32::from_be_bytes(d[2..6].try_into().unwrap()), 1);
+                    assert_eq!(u32::from_be_bytes(d[10..14].try_into().unwrap()), 32 << 20);
+                }
+            }
+            REP_ACK => return flags,
+            other => panic!("unexpected reply {other:#x}"),
+        }
+    }
+}
+
+async fn request(
+    c: &mut DuplexStream,
+    command: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) {
+    let mut m = Vec::new();
+    encode_request(
+        &mut m,
+        &Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        },
+    );
+    m.extend_from_slice(payload);
+    c.write_all(&m).await.expect("request");
+}
+
+/// Reads a simple reply: (cookie, error).
+async fn simple_reply(c: &mut DuplexStream) -> (u64, u32) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).await.expect("reply");
+    assert_eq!(
+        u32::from_be_bytes(h[0..4].try_into().unwrap()),
+        SIMPLE_REPLY_MAGIC
+    );
+    (
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+    )
+}
+
+#[tokio::test]
+async fn go_then_simple_replies_read_write_flush() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    let flags = go(&mut c, false).await;
+    for f in [
+        TFLAG_HAS_FLAGS,
+        TFLAG_SEND_FLUSH,
+        TFLAG_SEND_FUA,
+        TFLAG_SEND_TRIM,
+        TFLAG_SEND_WRITE_ZEROES,
+        TFLAG_CAN_MULTI_CONN,
+    ] {
+        assert_ne!(flags & f, 0, "flag {f:#x} advertised");
+    }
+    assert_eq!(flags & TFLAG_READ_ONLY, 0);
+    assert_eq!(flags & TFLAG_SEND_DF, 0, "DF needs structured replies");
+    let data = vec![0x5au8; 4096];
+    request(&mut c, CMD_WRITE, CMD_FLAG_FUA, 1, SIZE - 4096, 4096, &data).await;
+    assert_eq!(simple_reply(&mut c).await, (1, 0));
+    request(&mut c, CMD_READ, 0, 2, SIZE - 4096, 4096, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (2, 0));
+    let mut back = vec![0u8; 4096];
+    c.read_exact(&mut back).await.expect("data");
+    assert_eq!(back, data);
+    request(&mut c, CMD_FLUSH, 0, 3, 0, 0, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (3, 0));
+    // A read past the end: error, and no data follows.
+    request(&mut c, CMD_READ, 0, 4, SIZE, 512, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (4, EINVAL));
+    request(&mut c, CMD_DISC, 0, 5, 0, 0, &[]).await;
+    task.await.expect("join").expect("clean end");
+    assert_eq!(c.read(&mut [0u8; 1]).await.expect("eof"), 0);
+}
+
+#[tokio::test]
+async fn structured_reads_and_errors() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    let flags = go(&mut c, true).await;
+    assert_ne!(flags & TFLAG_SEND_DF, 0);
+    request(&mut c, CMD_WRITE, 0, 1, 512, 3, b"abc").await;
+    let mut hdr = [0u8; 20];
+    c.read_exact(&mut hdr).await.expect("chunk");
+    assert_eq!(
+        u32::from_be_bytes(hdr[0..4].try_into().unwrap()),
+        STRUCTURED_REPLY_MAGIC
+    );
+    assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_NONE);
+    request(&mut c, CMD_READ, CMD_FLAG_DF, 2, 512, 3, &[]).await;
+    let mut chunk = [0u8; 20 + 8 + 3];
+    c.read_exact(&mut chunk).await.expect("read chunk");
+    assert_eq!(u16::from_be_bytes([chunk[4], chunk[5]]), REPLY_FLAG_DONE);
+    assert_eq!(
+        u16::from_be_bytes([chunk[6], chunk[7]]),
+        REPLY_TYPE_OFFSET_DATA
+    );
+    assert_eq!(u64::from_be_bytes(chunk[20..28].try_into().unwrap()), 512);
+    assert_eq!(&chunk[28..], b"abc");
+    request(&mut c, CMD_READ, 0, 3, SIZE - 1, 2, &[]).await;
+    c.read_exact(&mut hdr).await.expect("error chunk");
+    assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_ERROR);
+    let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap());
+    let mut body = vec![0u8; len as usize];
+    c.read_exact(&mut body).await.expect("error body");
+    assert_eq!(u32::from_be_bytes(body[0..4].try_into().unwrap()), EINVAL);
+    drop(c);
+    let _ = task.await.expect("join");
+}
+
+#[tokio::test]
+async fn secondary_refuses_with_a_message_that_says_so() {
+    let h = harness(false);
+    let (mut c, task) = connect(&h);
+    greet(&mut c).await;
+    send_option(&mut c, OPT_GO, &go_data("r0", &[])).await;
+    let (_, typ, msg) = option_reply(&mut c).await;
+    assert_eq!(typ, REP_ERR_POLICY);
+    assert!(
+        String::from_utf8_lossy(&msg).contains("secondary"),
+        "{msg:?}"
+    );
+    // EXPORT_NAME has no error reply: the server hangs up.
+    send_option(&mut c, OPT_EXPORT_NAME, b"r0").await;
+    assert!(task.await.expect("join").is_err());
+}
+
+#[tokio::test]
+async fn unknown_options_are_unsupported_and_negotiation_goes_on() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    greet(&mut c).await;
+    // NBD_OPT_EXTENDED_HEADERS (11) and a made-up option.
+    for o in [11u32, 0x7777] {
+        send_option(&mut c, o, &[]).await;
+        let (opt, typ, _) = option_reply(&mut c).await;
+        assert_eq!((opt, typ), (o, REP_ERR_UNSUP));
+    }
+    send_option(&mut c, OPT_GO, &go_data("nope", &[])).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_UNKNOWN);
+    send_option(&mut c, OPT_LIST, &[]).await;
+    let (_, typ, d) = option_reply(&mut c).await;
+    assert_eq!(typ, REP_SERVER);
+    assert_eq!(&d[4..6], b"r0");
+    assert_eq!(option_reply(&mut c).await.1, REP_ACK);
+    // Garbage inside a GO: invalid, and still negotiating.
+    send_option(&mut c, OPT_GO, &[0xff, 0xff, 0xff]).await;
+    assert_eq!(option_reply(&mut c).await.1, REP_ERR_INVALID);
+    // EXPORT_NAME with the empty name ends the negotiation (no zeroes: client asked).
+    send_option(&mut c, OPT_EXPORT_NAME, b"").await;
+    let mut reply = [0u8; 10];
+    c.read_exact(&mut reply).await.expect("export name reply");
+    assert_eq!(u64::from_be_bytes(reply[0..8].try_into().unwrap()), SIZE);
+    request(&mut c, CMD_DISC, 0, 1, 0, 0, &[]).await;
+    task.await.expect("join").expect("clean");
+}
+
+#[tokio::test]
+async fn hostile_negotiation_input_ends_the_session_cleanly() {
+    let h = harness(true);
+    // Each case: bytes after the greeting, then EOF. None may panic or hang.
+    let mut over = Vec::new();
+    over.extend_from_slice(&3u32.to_be_bytes());
+    over.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    over.extend_from_slice(&OPT_GO.to_be_bytes());
+    over.extend_from_slice(&u32::MAX.to_be_bytes());
+    let cases: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0, 0],
+        0u32.to_be_bytes().to_vec(), // not fixed newstyle
+        [3u32.to_be_bytes().as_slice(), b"GARBAGE!GARBAGE!"].concat(), // bad option magic
+        [3u32.to_be_bytes().as_slice(), &IHAVEOPT.to_be_bytes()[..5]].concat(), // truncated
+        over,                        // 4 GiB option
+    ];
+    for (i, bytes) in cases.into_iter().enumerate() {
+        let (mut c, task) = connect(&h);
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).await.expect("greeting");
+        c.write_all(&bytes).await.expect("send");
+        c.shutdown().await.expect("shutdown");
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("case {i} hung"))
+            .expect("join");
+        assert!(res.is_err(), "case {i} should end in an error");
+    }
+}
+
+#[tokio::test]
+async fn hostile_requests_get_errors_not_crashes() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    // Oversized write: the payload is consumed and refused; the session goes on.
+    let big = (32u32 << 20) + 4096;
+    request(&mut c, CMD_WRITE, 0, 1, 0, big, &[]).await;
+    let junk = vec![0u8; big as usize];
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&junk).await.expect("junk");
+        wr
+    });
+    let mut h16 = [0u8; 16];
+    rd.read_exact(&mut h16).await.expect("reply");
+    assert_eq!(u32::from_be_bytes(h16[4..8].try_into().unwrap()), EINVAL);
+    let wr = writer.await.expect("writer");
+    let mut c = rd.unsplit(wr);
+    // Write past the end, unknown command, bad flags, huge offset.
+    request(&mut c, CMD_WRITE, 0, 2, SIZE - 1, 2, b"xy").await;
+    assert_eq!(simple_reply(&mut c).await, (2, ENOSPC));
+    request(&mut c, 99, 0, 3, 0, 0, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (3, EINVAL));
+    request(&mut c, CMD_READ, 0x8000, 4, 0, 1, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (4, EINVAL));
+    request(&mut c, CMD_TRIM, 0, 5, u64::MAX, 1, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (5, ENOSPC));
+    // Garbage request magic ends the session.
+    c.write_all(&[0xde; 28]).await.expect("garbage");
+    let res = task.await.expect("join");
+    assert!(res.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_complete_and_reset_with_writes_in_flight_is_survived() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    // 300 writes sent back to back before reading any reply.
+    let mut batch = Vec::new();
+    for i in 0..300u64 {
+        let data = vec![(i % 251) as u8; 2048];
+        encode_request(
+            &mut batch,
+            &Request {
+                flags: 0,
+                command: CMD_WRITE,
+                cookie: i,
+                offset: i * 2048 % SIZE,
+                len: 2048,
+            },
+        );
+        batch.extend_from_slice(&data);
+    }
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&batch).await.expect("batch");
+        wr
+    });
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..300 {
+        let mut h16 = [0u8; 16];
+        rd.read_exact(&mut h16).await.expect("reply");
+        assert_eq!(u32::from_be_bytes(h16[4..8].try_into().unwrap()), 0);
+        seen.insert(u64::from_be_bytes(h16[8..16].try_into().unwrap()));
+    }
+    assert_eq!(seen.len(), 300);
+    let c = rd.unsplit(writer.await.expect("writer"));
+    drop(c);
+    task.await
+        .expect("join")
+        .expect("EOF after complete requests is clean");
+
+    // Now hang up with hundreds of writes in flight: the session ends, the server lives.
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    let mut batch = Vec::new();
+    for i in 0..400u64 {
+        encode_request(
+            &mut batch,
+            &Request {
+                flags: 0,
+                command: CMD_WRITE,
+                cookie: i,
+                offset: 0,
+                len: 4096,
+            },
+        );
+        batch.extend_from_slice(&[7u8; 4096]);
+    }
+    c.write_all(&batch).await.expect("batch");
+    drop(c);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .expect("session must end")
+        .expect("join");
+    assert_eq!(h.ctx.clients.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // And the export still serves a new client.
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    request(&mut c, CMD_READ, 0, 1, 0, 4096, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (1, 0));
+    let mut back = vec![0u8; 4096];
+    c.read_exact(&mut back).await.expect("data");
+    assert_eq!(back, vec![7u8; 4096]);
+    request(&mut c, CMD_DISC, 0, 2, 0, 0, &[]).await;
+    task.await.expect("join").expect("clean");
+}
+
+#[tokio::test]
+async fn closing_the_export_disconnects_clients() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    assert_eq!(h.ctx.clients.load(std::sync::atomic::Ordering::SeqCst), 1);
+    h.tx.send(ExportState::Closed("demoted".into()))
+        .expect("send");
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("session ends")
+        .expect("join")
+        .expect("clean");
+    assert_eq!(c.read(&mut [0u8; 1]).await.expect("eof"), 0);
+    let _ = &h.export;
+}

@@ -1,0 +1,597 @@
+//! The node daemon: metadata, data disk, NBD export and control socket, tied together.
+//!
+//! A node always starts secondary. `promote` opens the export (the NBD listener is always
+//! bound; while secondary it refuses clients with a message saying so); `demote` closes it
+//! after the clients have gone. Role changes are serialized by one async mutex and recorded
+//! in the metadata before they take effect outwardly.
+
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, watch, Notify};
+
+use crate::config::{Config, MetaSpec, NodeConfig};
+use crate::control::{Event, Reply, Request};
+use crate::meta::{self, DiskState, Flags, MetaLocation, MetaStore};
+use crate::nbd::server::{self as nbd, Export, ExportState, Listener, ServerCtx};
+use crate::status::{Connection, DiskStatus, PeerStatus, Role, Stats, Status};
+use crate::storage::{self, Backend, Disk, EngineChoice};
+use state::{Decision, RoleView};
+
+/// How long shutdown and demotion wait for NBD clients to finish their requests.
+const CLIENT_DRAIN: Duration = Duration::from_secs(30);
+
+/// Errors that stop the daemon or a command before it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Meta(#[from] meta::MetaError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error("cannot listen for NBD clients on {addr}: {source}")]
+    NbdBind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Admin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another twinbd daemon already answers on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("disk {path} has {actual} bytes but its metadata records {expected}: the disk shrank or is the wrong one")]
+    DiskTooSmall {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Where this node's metadata lives.
+pub fn meta_location(node: &NodeConfig) -> MetaLocation {
+    match &node.meta {
+        MetaSpec::Internal => MetaLocation::Internal {
+            disk: node.disk.clone(),
+        },
+        MetaSpec::External(p) => MetaLocation::External(p.clone()),
+    }
+}
+
+/// `create-md`: writes fresh metadata for the node's disk. Returns the exported size.
+pub fn create_md(cfg: &Config, node: &NodeConfig, force: bool) -> Result<u64, NodeError> {
+    let disk_size = storage::disk_size(&node.disk)?;
+    let granularity = crate::bitmap::DEFAULT_GRANULARITY;
+    let data_size = match node.meta {
+        MetaSpec::Internal => meta::internal_layout(disk_size, granularity)?.0,
+        MetaSpec::External(_) => disk_size / 4096 * 4096,
+    };
+    let store = MetaStore::create(
+        &meta_location(node),
+        meta::CreateParams {
+            resource: cfg.resource.name.clone(),
+            node: node.name.clone(),
+            data_size,
+            granularity,
+        },
+        force,
+    )?;
+    Ok(store.data_size())
+}
+
+/// The role and disk state, readable without waiting on a role change.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    role: Role,
+    disk: DiskStatus,
+}
+
+pub struct Node {
+    cfg: Config,
+    me: NodeConfig,
+    peer_name: String,
+    meta: Mutex<MetaStore>,
+    disk: Arc<Disk>,
+    export: Arc<Export<Disk>>,
+    export_tx: watch::Sender<ExportState<Disk>>,
+    nbd: Arc<ServerCtx<Disk>>,
+    snapshot: Mutex<Snapshot>,
+    /// Serializes role changes.
+    transition: tokio::sync::Mutex<()>,
+    events: broadcast::Sender<String>,
+    changed: Notify,
+    detail: Mutex<String>,
+}
+
+fn disk_status(d: DiskState) -> DiskStatus {
+    match d {
+        DiskState::UpToDate => DiskStatus::UpToDate,
+        DiskState::Outdated => DiskStatus::Outdated,
+        DiskState::Inconsistent => DiskStatus::Inconsistent,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    /// Opens metadata and disk; the node is secondary and its export closed.
+    pub fn open(
+        cfg: Config,
+        node_name: &str,
+        engine: EngineChoice,
+    ) -> Result<Arc<Node>, NodeError> {
+        let me = cfg.node(Some(node_name))?.clone();
+        cfg.validate_node_paths(&me.name)?;
+        let (store, report) = MetaStore::open(&meta_location(&me))?;
+        for w in &report.warnings {
+            tracing::warn!(meta = %store.location().path().display(), "{w}");
+        }
+        store.check_identity(&cfg.resource.name, &me.name)?;
+        let sb = store.superblock().clone();
+        let disk = storage::open_disk(&me.disk, Some(sb.data_size), engine)?;
+        if disk.size() < sb.data_size {
+            return Err(NodeError::DiskTooSmall {
+                path: me.disk.clone(),
+                actual: disk.size(),
+                expected: sb.data_size,
+            });
+        }
+        if sb.flags.contains(Flags::WAS_PRIMARY) {
+            tracing::warn!(
+                "this node was primary when it stopped{}; it starts secondary as always",
+                if sb.flags.contains(Flags::CLEAN_SHUTDOWN) {
+                    ""
+                } else {
+                    " and did not shut down cleanly"
+                }
+            );
+        }
+        let disk = Arc::new(disk);
+        let export = Arc::new(Export {
+            backend: Arc::clone(&disk),
+            size: sb.data_size,
+        });
+        let (export_tx, export_rx) = watch::channel(ExportState::Closed(secondary_reason(
+            &me.name,
+            &cfg.resource.name,
+        )));
+        let nbd = Arc::new(ServerCtx::new(cfg.resource.name.clone(), export_rx));
+        let peer_name = cfg
+            .peer_of(&me.name)
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        let (events, _) = broadcast::channel(1024);
+        Ok(Arc::new(Node {
+            peer_name,
+            meta: Mutex::new(store),
+            disk,
+            export,
+            export_tx,
+            nbd,
+            snapshot: Mutex::new(Snapshot {
+                role: Role::Secondary,
+                disk: disk_status(sb.disk_state),
+            }),
+            transition: tokio::sync::Mutex::new(()),
+            events,
+            changed: Notify::new(),
+            detail: Mutex::new("started".into()),
+            cfg,
+            me,
+        }))
+    }
+
+    fn snap(&self) -> Snapshot {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_snap(&self, f: impl FnOnce(&mut Snapshot), detail: &str) {
+        f(&mut self.snapshot.lock().unwrap_or_else(|p| p.into_inner()));
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = detail.to_string();
+        self.changed.notify_one();
+    }
+
+    /// Runs a metadata update on the blocking pool (it syncs to disk).
+    async fn meta_update(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut meta::Superblock) + Send + 'static,
+    ) -> Result<(), String> {
+        let node = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut m = node.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.update(f).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    pub fn status(&self) -> Status {
+        let s = self.snap();
+        let (out_of_sync, generation) = {
+            let m = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                m.bitmap().dirty_bytes(),
+                format!("{:016x}", m.superblock().generations.current),
+            )
+        };
+        Status {
+            resource: self.cfg.resource.name.clone(),
+            node: self.me.name.clone(),
+            role: s.role,
+            disk: s.disk,
+            connection: Connection::Standalone,
+            peer: PeerStatus {
+                name: self.peer_name.clone(),
+                role: Role::Unknown,
+                disk: DiskStatus::Unknown,
+            },
+            size_bytes: self.export.size,
+            out_of_sync_bytes: out_of_sync,
+            resync: None,
+            stats: Stats {
+                resynced_bytes_total: 0,
+                replicated_writes_total: 0,
+                nbd_clients: self.nbd.clients.load(Ordering::SeqCst) as u64,
+                nbd_requests_total: self.nbd.requests.load(Ordering::Relaxed),
+            },
+            io_engine: self.disk.engine().to_string(),
+            nbd: self.me.nbd.to_string(),
+            generation,
+        }
+    }
+
+    fn view(&self) -> RoleView {
+        let s = self.snap();
+        RoleView {
+            role: s.role,
+            disk: s.disk,
+            peer_role: None,
+            nbd_clients: self.nbd.clients.load(Ordering::SeqCst) as u64,
+        }
+    }
+
+    /// Makes this node primary and opens the export.
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<String, String> {
+        let _guard = self.transition.lock().await;
+        let forced = match state::promote(&self.view(), force).map_err(|e| e.to_string())? {
+            Decision::Already => return Ok(format!("{} is already primary", self.me.name)),
+            Decision::Change { forced_up_to_date } => forced_up_to_date,
+        };
+        let seed: u64 = rand::random();
+        self.meta_update(move |sb| {
+            if forced {
+                sb.disk_state = DiskState::UpToDate;
+            }
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+            sb.new_current_generation(&mut rng);
+            sb.flags.insert(Flags::WAS_PRIMARY);
+        })
+        .await
+        .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
+        self.set_snap(
+            |s| {
+                s.role = Role::Primary;
+                s.disk = DiskStatus::UpToDate;
+            },
+            if forced {
+                "promoted (forced: this node's data is now the reference)"
+            } else {
+                "promoted"
+            },
+        );
+        self.export_tx
+            .send_replace(ExportState::Open(Arc::clone(&self.export)));
+        tracing::info!(
+            forced,
+            "promoted to primary; NBD export open on {}",
+            self.me.nbd
+        );
+        Ok(format!("{} is now primary", self.me.name))
+    }
+
+    /// Closes the export (after the clients are gone) and makes this node secondary.
+    pub async fn demote(self: &Arc<Self>, force: bool) -> Result<String, String> {
+        let _guard = self.transition.lock().await;
+        match state::demote(&self.view(), force).map_err(|e| e.to_string())? {
+            Decision::Already => return Ok(format!("{} is already secondary", self.me.name)),
+            Decision::Change { .. } => {}
+        }
+        self.close_export(&secondary_reason(&self.me.name, &self.cfg.resource.name))
+            .await;
+        self.disk
+            .flush()
+            .await
+            .map_err(|e| format!("flush before demotion failed: {e}"))?;
+        self.meta_update(|sb| sb.flags.remove(Flags::WAS_PRIMARY))
+            .await
+            .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))?;
+        self.set_snap(|s| s.role = Role::Secondary, "demoted");
+        tracing::info!("demoted to secondary; NBD export closed");
+        Ok(format!("{} is now secondary", self.me.name))
+    }
+
+    /// Refuses new clients, lets the connected ones finish what they sent, and waits for them.
+    async fn close_export(&self, reason: &str) {
+        self.export_tx
+            .send_replace(ExportState::Closed(reason.to_string()));
+        let deadline = tokio::time::Instant::now() + CLIENT_DRAIN;
+        while self.nbd.clients.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("NBD clients still connected after {CLIENT_DRAIN:?}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Clean shutdown: clients drained, data flushed, metadata marked clean.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let _guard = self.transition.lock().await;
+        self.close_export(&format!("twinbd node {} is shutting down", self.me.name))
+            .await;
+        if let Err(e) = self.disk.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        let node = Arc::clone(self);
+        let res = tokio::task::spawn_blocking(move || {
+            let mut m = node.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.flush_bitmap()?;
+            m.update(|sb| sb.flags.insert(Flags::CLEAN_SHUTDOWN))
+        })
+        .await;
+        match res {
+            Ok(Ok(())) => tracing::info!("clean shutdown: data flushed, metadata marked clean"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot mark the metadata clean"),
+            Err(e) => tracing::error!(error = %e, "metadata task failed"),
+        }
+    }
+
+    fn event_line(&self, last: &mut Option<Status>) -> Option<String> {
+        let st = self.status();
+        let kind = match last {
+            None => "start",
+            Some(prev) => {
+                if prev.role != st.role {
+                    "role"
+                } else if prev.disk != st.disk {
+                    "disk"
+                } else if prev.connection != st.connection || prev.peer != st.peer {
+                    "connection"
+                } else if prev.resync.is_some() || st.resync.is_some() {
+                    if prev.resync == st.resync {
+                        return None;
+                    }
+                    "resync"
+                } else if prev.stats.nbd_clients != st.stats.nbd_clients {
+                    "nbd_clients"
+                } else if prev.out_of_sync_bytes != st.out_of_sync_bytes {
+                    "out_of_sync"
+                } else {
+                    return None;
+                }
+            }
+        };
+        let detail = self
+            .detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let ev = Event {
+            ts_ms: now_ms(),
+            kind: kind.into(),
+            detail: if kind == "role" || kind == "start" {
+                detail
+            } else {
+                String::new()
+            },
+            status: st.clone(),
+        };
+        *last = Some(st);
+        serde_json::to_string(&ev).ok()
+    }
+
+    /// Publishes an event whenever the visible state changes (checked on every notification
+    /// and at least every 250 ms, so resync progress is reported more than once a second).
+    async fn watch_events(self: Arc<Self>) {
+        let mut last = None;
+        loop {
+            if let Some(line) = self.event_line(&mut last) {
+                let _ = self.events.send(line);
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request) -> Reply {
+        match req {
+            Request::Status => Reply::status(self.status()),
+            Request::Promote { force } => match self.promote(force).await {
+                Ok(m) => Reply::message(m),
+                Err(e) => Reply::error(format!("promote refused: {e}")),
+            },
+            Request::Demote { force } => match self.demote(force).await {
+                Ok(m) => Reply::message(m),
+                Err(e) => Reply::error(format!("demote refused: {e}")),
+            },
+            Request::Connect { .. } | Request::Disconnect | Request::Verify => {
+                Reply::error(self.no_peer_link())
+            }
+            Request::Events => Reply::error("events is a streaming request"),
+        }
+    }
+
+    fn no_peer_link(&self) -> String {
+        if self.peer_name.is_empty() {
+            format!(
+                "resource {} has no peer configured: this node runs standalone",
+                self.cfg.resource.name
+            )
+        } else {
+            format!(
+                "peer replication is not available in this version of twinbd: node {} runs standalone",
+                self.me.name
+            )
+        }
+    }
+}
+
+fn secondary_reason(node: &str, resource: &str) -> String {
+    format!("twinbd node {node} is secondary: only the primary serves resource {resource}")
+}
+
+/// Binds the admin socket, refusing to steal it from a live daemon.
+fn bind_admin(path: &Path) -> Result<UnixListener, NodeError> {
+    let admin = |source| NodeError::Admin {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(admin)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(NodeError::AlreadyRunning(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(admin)?;
+    }
+    UnixListener::bind(path).map_err(admin)
+}
+
+async fn serve_admin(node: Arc<Node>, listener: UnixListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                tokio::spawn(admin_session(Arc::clone(&node), stream));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn admin_session(node: Arc<Node>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Events) => {
+                stream_events(&node, &mut w).await;
+                return;
+            }
+            Ok(req) => node.handle(req).await,
+            Err(e) => Reply::error(format!("bad control request: {e}")),
+        };
+        let mut out = match serde_json::to_string(&reply) {
+            Ok(s) => s,
+            Err(e) => format!("{{\"ok\":false,\"error\":\"{e}\"}}"),
+        };
+        out.push('\n');
+        if w.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn stream_events(node: &Arc<Node>, w: &mut tokio::net::unix::OwnedWriteHalf) {
+    let mut rx = node.events.subscribe();
+    // The first line is the current state, so a watcher starts from a known point.
+    let first = Event {
+        ts_ms: now_ms(),
+        kind: "current".into(),
+        detail: String::new(),
+        status: node.status(),
+    };
+    let Ok(mut line) = serde_json::to_string(&first) else {
+        return;
+    };
+    loop {
+        line.push('\n');
+        if w.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
+        line = match rx.recv().await {
+            Ok(l) => l,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                format!(
+                    "{{\"ts_ms\":{},\"kind\":\"lagged\",\"detail\":\"{n} events dropped\"}}",
+                    now_ms()
+                )
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+    }
+}
+
+/// `run`: the daemon, until SIGTERM or SIGINT.
+pub async fn run(cfg: Config, node_name: &str) -> Result<(), NodeError> {
+    let node = Node::open(cfg, node_name, EngineChoice::from_env())?;
+    let listener = Listener::bind(&node.me.nbd)
+        .await
+        .map_err(|source| NodeError::NbdBind {
+            addr: node.me.nbd.to_string(),
+            source,
+        })?;
+    let admin = bind_admin(&node.me.admin)?;
+    let admin_path = node.me.admin.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nbd_task = tokio::spawn(nbd::serve(listener, Arc::clone(&node.nbd), stop_rx.clone()));
+    let admin_task = tokio::spawn(serve_admin(Arc::clone(&node), admin, stop_rx));
+    let events_task = tokio::spawn(Arc::clone(&node).watch_events());
+    tracing::info!(
+        resource = %node.cfg.resource.name,
+        node = %node.me.name,
+        nbd = %node.me.nbd,
+        admin = %node.me.admin.display(),
+        size = node.export.size,
+        engine = node.disk.engine(),
+        "twinbd node running (secondary)"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    let _ = stop_tx.send(true);
+    let _ = nbd_task.await;
+    let _ = admin_task.await;
+    events_task.abort();
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), NodeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = |k| {
+        signal(k).map_err(|e| NodeError::Runtime(format!("cannot install signal handler: {e}")))
+    };
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
