@@ -240,6 +240,14 @@ impl Bitmap {
         }
     }
 
+    /// Returns true if every chunk touched by the byte range is dirty (an empty range is).
+    pub fn is_all_dirty(&self, offset: u64, len: u64) -> bool {
+        match self.chunk_span(offset, len) {
+            Some((first, end)) => self.find_from(first, false) >= end,
+            None => true,
+        }
+    }
+
     /// Is chunk `bit` dirty? Out-of-range indices read as clean.
     pub fn bit(&self, bit: u64) -> bool {
         bit < self.num_bits && self.words[(bit / 64) as usize] & (1 << (bit % 64)) != 0

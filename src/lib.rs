@@ -15,5 +15,7 @@ pub mod demo;
 pub mod meta;
 pub mod nbd;
 pub mod node;
+pub mod peer;
+pub mod repl;
 pub mod status;
 pub mod storage;

@@ -1391,6 +1391,14 @@ impl MetaStore {
         self.persist(self.bitmap.pages_for_range(offset, len))
     }
 
+    /// Marks a byte range dirty in memory only; the pages are written by the next
+    /// [`flush_bitmap`](Self::flush_bitmap). Lets a caller batch many ranges into one
+    /// durable write: the ranges are durable only once that flush returns.
+    pub fn set_dirty_lazy(&mut self, offset: u64, len: u64) {
+        let changed = self.bitmap.set_range(offset, len);
+        self.mark_pending(changed);
+    }
+
     /// Like [`clear_clean`](Self::clear_clean) but only in memory; the pages
     /// are written by the next [`flush_bitmap`](Self::flush_bitmap). Safe to
     /// defer: if the node crashes first, the range is merely resynced again.

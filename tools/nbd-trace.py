@@ -94,15 +94,21 @@ class Pipe:
     def __init__(self, src, dst):
         self.src, self.dst = src, dst
 
-    def take(self, n):
+    def take(self, n, forward=True):
+        """Read exactly n bytes; forward them now unless forward=False (the
+        caller then records what they mean first and calls send())."""
         buf = bytearray()
         while len(buf) < n:
             chunk = self.src.recv(min(n - len(buf), 1 << 20))
             if not chunk:
                 raise Closed()
             buf += chunk
-        self.dst.sendall(buf)
+        if forward:
+            self.dst.sendall(buf)
         return bytes(buf)
+
+    def send(self, data):
+        self.dst.sendall(data)
 
     def skip(self, n):
         while n > 0:
@@ -165,10 +171,13 @@ class Session:
         while True:
             head = p.peek(4)
             if head == IHAVEOPT[:4]:
-                hdr = p.take(16)
+                # Record the option before the server can see it, so the
+                # server side always knows which option a reply answers.
+                hdr = p.take(16, forward=False)
                 opt, length = struct.unpack(">II", hdr[8:16])
-                data = p.take(length) if length else b""
+                data = p.take(length, forward=False) if length else b""
                 self.describe_option(opt, data)
+                p.send(hdr + data)
                 if opt == 5:       # STARTTLS: the rest is encrypted
                     self.log("STARTTLS: no further decoding")
                     p.raw()
@@ -215,12 +224,14 @@ class Session:
     def transmission_requests(self, p):
         while True:
             (magic,) = struct.unpack(">I", p.peek(4))
+            # Requests are registered before they are forwarded: a reply
+            # can never overtake the bookkeeping of its request.
             if magic == REQUEST_MAGIC:
-                hdr = p.take(28)
+                hdr = p.take(28, forward=False)
                 _, flags, cmd, cookie, offset, length = struct.unpack(
                     ">IHHQQI", hdr)
             elif magic == EXT_REQUEST_MAGIC:
-                hdr = p.take(32)
+                hdr = p.take(32, forward=False)
                 _, flags, cmd, cookie, offset, length = struct.unpack(
                     ">IHHQQQ", hdr)
             else:
@@ -238,6 +249,7 @@ class Session:
                 entry[2] = max(entry[2], length)
                 n = self.shown.get(cmd, 0)
                 self.shown[cmd] = n + 1
+            p.send(hdr)
             if n < self.show:
                 self.log("C> %s flags=%s offset=%d length=%d" %
                          (key[0], key[1], offset, length))
@@ -328,36 +340,42 @@ class Session:
                 self.errors[k] = self.errors.get(k, 0) + 1
 
     def transmission_replies(self, p):
+        # A request stops counting as in flight when the server starts its
+        # final reply: the bookkeeping happens before the header is
+        # forwarded, so the client cannot send the next request first.
         self.log("transmission phase (structured=%s extended=%s)" %
                  (self.structured, self.extended))
         while True:
             (magic,) = struct.unpack(">I", p.peek(4))
             if magic == SIMPLE_REPLY_MAGIC:
-                _, err, cookie = struct.unpack(">IIQ", p.take(16))
+                hdr = p.take(16, forward=False)
+                _, err, cookie = struct.unpack(">IIQ", hdr)
                 with self.lock:
                     entry = self.in_flight.get(cookie)
+                self.finish_request(cookie, err, "simple")
+                p.send(hdr)
                 if entry and entry[0] == 0 and err == 0:
                     p.skip(entry[1])
-                self.finish_request(cookie, err, "simple")
             elif magic in (STRUCTURED_REPLY_MAGIC, EXT_REPLY_MAGIC):
                 if magic == STRUCTURED_REPLY_MAGIC:
+                    hdr = p.take(20, forward=False)
                     _, flags, ctype, cookie, length = struct.unpack(
-                        ">IHHQI", p.take(20))
+                        ">IHHQI", hdr)
                 else:
+                    hdr = p.take(32, forward=False)
                     _, flags, ctype, cookie, _off, length = struct.unpack(
-                        ">IHHQQQ", p.take(32))
+                        ">IHHQQQ", hdr)
                 payload_head = b""
                 if ctype & 0x8000 and length >= 4:
-                    payload_head = p.take(4)
-                    p.skip(length - 4)
-                else:
-                    p.skip(length)
+                    payload_head = p.take(4, forward=False)
                 kind = "chunk:" + CHUNKS.get(ctype, str(ctype))
                 with self.lock:
                     self.reply_kinds[kind] = self.reply_kinds.get(kind, 0) + 1
                 if flags & 1:
                     err = struct.unpack(">I", payload_head)[0] if payload_head else 0
                     self.finish_request(cookie, err, "structured-done")
+                p.send(hdr + payload_head)
+                p.skip(length - len(payload_head))
             else:
                 self.log("S> unexpected reply magic 0x%08x; passing through" %
                          magic)

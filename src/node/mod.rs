@@ -20,6 +20,8 @@ use crate::config::{Config, MetaSpec, NodeConfig};
 use crate::control::{Event, Reply, Request};
 use crate::meta::{self, DiskState, Flags, MetaLocation, MetaStore};
 use crate::nbd::server::{self as nbd, Export, ExportState, Listener, ServerCtx};
+use crate::peer::link::LinkParams;
+use crate::repl::{ReplSettings, ReplicatedDisk, Replicator};
 use crate::status::{Connection, DiskStatus, PeerStatus, Role, Stats, Status};
 use crate::storage::{self, Backend, Disk, EngineChoice};
 use state::{Decision, RoleView};
@@ -38,6 +40,11 @@ pub enum NodeError {
     Storage(#[from] storage::StorageError),
     #[error("cannot listen for NBD clients on {addr}: {source}")]
     NbdBind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for the peer on {addr}: {source}")]
+    ReplBind {
         addr: String,
         source: std::io::Error,
     },
@@ -70,7 +77,9 @@ pub fn meta_location(node: &NodeConfig) -> MetaLocation {
 
 /// `create-md`: writes fresh metadata for the node's disk. Returns the exported size.
 pub fn create_md(cfg: &Config, node: &NodeConfig, force: bool) -> Result<u64, NodeError> {
-    let disk_size = storage::disk_size(&node.disk)?;
+    // Holding the disk open keeps its lock: no daemon can start on it meanwhile, and a running
+    // one makes this fail instead of having its metadata replaced under it.
+    let (disk_size, _lock) = storage::disk_size(&node.disk)?;
     let granularity = crate::bitmap::DEFAULT_GRANULARITY;
     let data_size = match node.meta {
         MetaSpec::Internal => meta::internal_layout(disk_size, granularity)?.0,
@@ -89,27 +98,28 @@ pub fn create_md(cfg: &Config, node: &NodeConfig, force: bool) -> Result<u64, No
     Ok(store.data_size())
 }
 
-/// The role and disk state, readable without waiting on a role change.
+/// The role, readable without waiting on a role change. (The disk state lives in the
+/// metadata, which replication updates too.)
 #[derive(Debug, Clone, Copy)]
 struct Snapshot {
     role: Role,
-    disk: DiskStatus,
 }
 
 pub struct Node {
     cfg: Config,
     me: NodeConfig,
     peer_name: String,
-    meta: Mutex<MetaStore>,
+    meta: Arc<Mutex<MetaStore>>,
     disk: Arc<Disk>,
-    export: Arc<Export<Disk>>,
-    export_tx: watch::Sender<ExportState<Disk>>,
-    nbd: Arc<ServerCtx<Disk>>,
+    repl: Option<Arc<Replicator>>,
+    export: Arc<Export<ReplicatedDisk>>,
+    export_tx: watch::Sender<ExportState<ReplicatedDisk>>,
+    nbd: Arc<ServerCtx<ReplicatedDisk>>,
     snapshot: Mutex<Snapshot>,
     /// Serializes role changes.
     transition: tokio::sync::Mutex<()>,
     events: broadcast::Sender<String>,
-    changed: Notify,
+    changed: Arc<Notify>,
     detail: Mutex<String>,
 }
 
@@ -162,8 +172,33 @@ impl Node {
             );
         }
         let disk = Arc::new(disk);
+        let meta = Arc::new(Mutex::new(store));
+        let changed = Arc::new(Notify::new());
+        let repl = cfg.peer_of(&me.name).map(|peer| {
+            Replicator::new(
+                ReplSettings {
+                    protocol: cfg.resource.protocol,
+                    interval: cfg.heartbeat.interval,
+                    timeout: cfg.heartbeat.timeout,
+                    rate_bytes_per_s: cfg.sync.rate_bytes_per_s(),
+                    link: LinkParams {
+                        resource: cfg.resource.name.clone(),
+                        secret: cfg.resource.secret.clone(),
+                        me: me.name.clone(),
+                        node_id: sb.node_id,
+                        peer: peer.name.clone(),
+                        size: sb.data_size,
+                        listen: me.replication,
+                        peer_addr: peer.replication,
+                    },
+                },
+                Arc::clone(&disk),
+                Arc::clone(&meta),
+                Arc::clone(&changed),
+            )
+        });
         let export = Arc::new(Export {
-            backend: Arc::clone(&disk),
+            backend: Arc::new(ReplicatedDisk::new(Arc::clone(&disk), repl.clone())),
             size: sb.data_size,
         });
         let (export_tx, export_rx) = watch::channel(ExportState::Closed(secondary_reason(
@@ -178,22 +213,32 @@ impl Node {
         let (events, _) = broadcast::channel(1024);
         Ok(Arc::new(Node {
             peer_name,
-            meta: Mutex::new(store),
+            meta,
             disk,
+            repl,
             export,
             export_tx,
             nbd,
             snapshot: Mutex::new(Snapshot {
                 role: Role::Secondary,
-                disk: disk_status(sb.disk_state),
             }),
             transition: tokio::sync::Mutex::new(()),
             events,
-            changed: Notify::new(),
+            changed,
             detail: Mutex::new("started".into()),
             cfg,
             me,
         }))
+    }
+
+    fn disk_state(&self) -> DiskStatus {
+        disk_status(
+            self.meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .superblock()
+                .disk_state,
+        )
     }
 
     fn snap(&self) -> Snapshot {
@@ -229,23 +274,24 @@ impl Node {
                 format!("{:016x}", m.superblock().generations.current),
             )
         };
+        let r = self.repl.as_ref().map(|r| r.status());
         Status {
             resource: self.cfg.resource.name.clone(),
             node: self.me.name.clone(),
             role: s.role,
-            disk: s.disk,
-            connection: Connection::Standalone,
+            disk: self.disk_state(),
+            connection: r.as_ref().map_or(Connection::Standalone, |r| r.connection),
             peer: PeerStatus {
                 name: self.peer_name.clone(),
-                role: Role::Unknown,
-                disk: DiskStatus::Unknown,
+                role: r.as_ref().map_or(Role::Unknown, |r| r.peer_role),
+                disk: r.as_ref().map_or(DiskStatus::Unknown, |r| r.peer_disk),
             },
             size_bytes: self.export.size,
             out_of_sync_bytes: out_of_sync,
-            resync: None,
+            resync: r.as_ref().and_then(|r| r.resync.clone()),
             stats: Stats {
-                resynced_bytes_total: 0,
-                replicated_writes_total: 0,
+                resynced_bytes_total: r.as_ref().map_or(0, |r| r.resynced_bytes),
+                replicated_writes_total: r.as_ref().map_or(0, |r| r.replicated_writes),
                 nbd_clients: self.nbd.clients.load(Ordering::SeqCst) as u64,
                 nbd_requests_total: self.nbd.requests.load(Ordering::Relaxed),
             },
@@ -259,8 +305,8 @@ impl Node {
         let s = self.snap();
         RoleView {
             role: s.role,
-            disk: s.disk,
-            peer_role: None,
+            disk: self.disk_state(),
+            peer_role: self.repl.as_ref().and_then(|r| r.peer_role()),
             nbd_clients: self.nbd.clients.load(Ordering::SeqCst) as u64,
         }
     }
@@ -273,27 +319,34 @@ impl Node {
             Decision::Change { forced_up_to_date } => forced_up_to_date,
         };
         let seed: u64 = rand::random();
+        // A promotion starts a new data generation. A peer in sync follows it; otherwise the
+        // old generation becomes the bitmap's reference: what the absent peer still has.
+        let peer_follows = self.repl.as_ref().is_some_and(|r| r.in_sync());
         self.meta_update(move |sb| {
             if forced {
                 sb.disk_state = DiskState::UpToDate;
             }
+            let old = sb.generations.current;
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
             sb.new_current_generation(&mut rng);
+            if !peer_follows && sb.generations.bitmap == 0 && old != 0 {
+                sb.generations.bitmap = old;
+            }
             sb.flags.insert(Flags::WAS_PRIMARY);
         })
         .await
         .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
         self.set_snap(
-            |s| {
-                s.role = Role::Primary;
-                s.disk = DiskStatus::UpToDate;
-            },
+            |s| s.role = Role::Primary,
             if forced {
                 "promoted (forced: this node's data is now the reference)"
             } else {
                 "promoted"
             },
         );
+        if let Some(r) = &self.repl {
+            r.role_changed(true).await;
+        }
         self.export_tx
             .send_replace(ExportState::Open(Arc::clone(&self.export)));
         tracing::info!(
@@ -321,6 +374,9 @@ impl Node {
             .await
             .map_err(|e| format!("cannot record the demotion in the metadata: {e}"))?;
         self.set_snap(|s| s.role = Role::Secondary, "demoted");
+        if let Some(r) = &self.repl {
+            r.role_changed(false).await;
+        }
         tracing::info!("demoted to secondary; NBD export closed");
         Ok(format!("{} is now secondary", self.me.name))
     }
@@ -344,6 +400,9 @@ impl Node {
         let _guard = self.transition.lock().await;
         self.close_export(&format!("twinbd node {} is shutting down", self.me.name))
             .await;
+        if let Some(r) = &self.repl {
+            r.shutdown().await;
+        }
         if let Err(e) = self.disk.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -431,9 +490,28 @@ impl Node {
                 Ok(m) => Reply::message(m),
                 Err(e) => Reply::error(format!("demote refused: {e}")),
             },
-            Request::Connect { .. } | Request::Disconnect | Request::Verify => {
-                Reply::error(self.no_peer_link())
-            }
+            Request::Connect { discard_my_data } => match &self.repl {
+                None => Reply::error(self.no_peer_link()),
+                Some(_) if discard_my_data => Reply::error(
+                    "connect --discard-my-data: split-brain resolution is not available in this version of twinbd",
+                ),
+                Some(r) => {
+                    r.set_enabled(true);
+                    Reply::message(format!("{}: connecting to {}", self.me.name, self.peer_name))
+                }
+            },
+            Request::Disconnect => match &self.repl {
+                None => Reply::error(self.no_peer_link()),
+                Some(r) => {
+                    r.set_enabled(false);
+                    Reply::message(format!("{}: disconnected from {}", self.me.name, self.peer_name))
+                }
+            },
+            Request::Verify => Reply::error(if self.repl.is_none() {
+                self.no_peer_link()
+            } else {
+                "online verify is not available in this version of twinbd".to_string()
+            }),
             Request::Events => Reply::error("events is a streaming request"),
         }
     }
@@ -445,10 +523,7 @@ impl Node {
                 self.cfg.resource.name
             )
         } else {
-            format!(
-                "peer replication is not available in this version of twinbd: node {} runs standalone",
-                self.me.name
-            )
+            format!("node {} has a peer", self.me.name)
         }
     }
 }
@@ -556,6 +631,12 @@ pub async fn run(cfg: Config, node_name: &str) -> Result<(), NodeError> {
             source,
         })?;
     let admin = bind_admin(&node.me.admin)?;
+    if let Some(r) = &node.repl {
+        r.start().await.map_err(|source| NodeError::ReplBind {
+            addr: node.me.replication.to_string(),
+            source,
+        })?;
+    }
     let admin_path = node.me.admin.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let nbd_task = tokio::spawn(nbd::serve(listener, Arc::clone(&node.nbd), stop_rx.clone()));

@@ -37,6 +37,8 @@ pub enum StorageError {
     Open { path: PathBuf, source: io::Error },
     #[error("disk {path} is not a regular file or block device")]
     NotADisk { path: PathBuf },
+    #[error("disk {path} is in use by another process (another twinbd daemon for it?)")]
+    InUse { path: PathBuf },
     #[error("{op} of {len} bytes at offset {offset} failed: {source}")]
     Io {
         op: &'static str,
@@ -226,6 +228,7 @@ impl DiskFile {
                 path: path.to_path_buf(),
                 source,
             })?;
+        lock_exclusive(&file, path)?;
         let md = file.metadata().map_err(|source| StorageError::Open {
             path: path.to_path_buf(),
             source,
@@ -269,9 +272,30 @@ impl DiskFile {
     }
 }
 
-/// Size of the disk at `path` (regular file length or block device size).
-pub fn disk_size(path: &Path) -> Result<u64> {
-    DiskFile::open(path, None).map(|d| d.size)
+/// Takes an exclusive advisory lock on the disk for as long as `file` stays open, so two
+/// daemons (or `create-md` and a running daemon) can never work on the same disk.
+fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(StorageError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Err(StorageError::Open {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Size of the disk at `path` (regular file length or block device size), and the disk itself.
+/// The disk stays locked while the returned `DiskFile` lives.
+pub fn disk_size(path: &Path) -> Result<(u64, DiskFile)> {
+    DiskFile::open(path, None).map(|d| (d.size, d))
 }
 
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);

@@ -160,3 +160,13 @@ fn missing_disk_names_the_path() {
     let err = DiskFile::open(Path::new("/nonexistent/disk.img"), None).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
 }
+
+#[test]
+fn a_disk_cannot_be_opened_twice() {
+    let (_d, path) = temp_disk(1 << 20);
+    let first = DiskFile::open(&path, None).expect("open");
+    let err = DiskFile::open(&path, None).unwrap_err();
+    assert!(matches!(err, StorageError::InUse { .. }), "{err}");
+    drop(first);
+    DiskFile::open(&path, None).expect("free again");
+}

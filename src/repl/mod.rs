@@ -1,0 +1,1479 @@
+//! Replication: the peer link's life, replicated writes, dirty tracking and resync.
+//!
+//! [`Replicator`] owns everything that involves the peer. [`ReplicatedDisk`] is the storage
+//! backend the NBD export serves from: it writes locally and, while a peer is attached,
+//! streams every write to it and waits for the acknowledgement the protocol asks for
+//! (A: sent, B: received, C: written). While no peer is attached, every write is first marked
+//! in the persistent bitmap, so a returning peer copies only what changed.
+//!
+//! The link runs as three tasks per connection pair: the data loop (receives and applies
+//! writes and resync data, in arrival order for overlapping ranges), the meta loop
+//! (acknowledgements, heartbeats, state) and the pinger; a watchdog ends the link when nothing
+//! has arrived for `timeout_ms`. A resync runs as a fourth task on the sync source.
+
+pub mod conflict;
+pub mod decide;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Protocol;
+use crate::meta::{DiskState, MetaStore, Superblock};
+use crate::peer::link::{self, Conn, FrameReader, FrameWriter, LinkParams};
+use crate::peer::wire::{Channel, Msg, PeerState};
+use crate::status::{Connection, DiskStatus, ResyncStatus, Role};
+use crate::storage::{Backend, Disk, IoBuf, StorageError};
+use conflict::Conflicts;
+use decide::{Decision, Side};
+
+/// Largest resync chunk.
+const RESYNC_CHUNK: u64 = 1 << 20;
+/// Resync bytes sent but not yet acknowledged.
+const RESYNC_WINDOW: u64 = 32 << 20;
+/// Requests the peer applies at once before it stops reading more.
+const APPLY_MAX_IN_FLIGHT: usize = 1024;
+
+/// Replication settings from the resource file.
+#[derive(Debug, Clone)]
+pub struct ReplSettings {
+    pub protocol: Protocol,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rate_bytes_per_s: Option<u64>,
+    pub link: LinkParams,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn meta_err(op: &'static str, offset: u64, len: u64, e: String) -> StorageError {
+    StorageError::Io {
+        op,
+        offset,
+        len,
+        source: std::io::Error::other(e),
+    }
+}
+
+/// Moves the data generation on when a primary starts writing without its peer: the old
+/// generation becomes the bitmap's reference (what the peer still has).
+fn start_tracking(sb: &mut Superblock) {
+    if sb.generations.bitmap == 0 && sb.generations.current != 0 {
+        let old = sb.generations.current;
+        sb.new_current_generation(&mut rand::thread_rng());
+        sb.generations.bitmap = old;
+    }
+}
+
+/// A request to the bitmap writer: a range, and where to report that it is durable.
+type MarkRequest = (u64, u64, oneshot::Sender<Result<(), String>>);
+/// Work the peer applies concurrently with reading the next frames.
+type ApplyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// Marks ranges out of sync in the persistent bitmap, batching concurrent requests into one
+/// durable write (group commit).
+pub struct DirtyMarker {
+    meta: Arc<Mutex<MetaStore>>,
+    primary: Arc<AtomicBool>,
+    tx: mpsc::UnboundedSender<MarkRequest>,
+}
+
+impl DirtyMarker {
+    fn spawn(meta: Arc<Mutex<MetaStore>>, primary: Arc<AtomicBool>) -> DirtyMarker {
+        let (tx, mut rx) = mpsc::unbounded_channel::<MarkRequest>();
+        let m = Arc::clone(&meta);
+        let p = Arc::clone(&primary);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let ranges: Vec<(u64, u64)> = batch.iter().map(|(o, l, _)| (*o, *l)).collect();
+                let m = Arc::clone(&m);
+                let primary = p.load(Ordering::SeqCst);
+                let res = tokio::task::spawn_blocking(move || {
+                    let mut store = lock(&m);
+                    if primary && store.superblock().generations.bitmap == 0 {
+                        store.update(start_tracking).map_err(|e| e.to_string())?;
+                    }
+                    for (o, l) in ranges {
+                        store.set_dirty_lazy(o, l);
+                    }
+                    store.flush_bitmap().map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                for (_, _, done) in batch {
+                    let _ = done.send(res.clone());
+                }
+            }
+        });
+        DirtyMarker { meta, primary, tx }
+    }
+
+    /// Returns once `[offset, offset+len)` is marked out of sync on disk.
+    pub async fn mark(&self, offset: u64, len: u64) -> Result<(), String> {
+        {
+            let m = lock(&self.meta);
+            let tracking = !self.primary.load(Ordering::SeqCst)
+                || m.superblock().generations.bitmap != 0
+                || m.superblock().generations.current == 0;
+            if tracking && m.bitmap().is_all_dirty(offset, len) {
+                return Ok(());
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((offset, len, tx))
+            .map_err(|_| "bitmap writer stopped".to_string())?;
+        rx.await.map_err(|_| "bitmap writer stopped".to_string())?
+    }
+}
+
+struct PendingWrite {
+    offset: u64,
+    len: u64,
+    /// Fires at the acknowledgement the protocol waits for (B: received, C: written).
+    ack: Option<oneshot::Sender<u32>>,
+}
+
+#[derive(Default)]
+struct PeerInner {
+    dead: bool,
+    writes: HashMap<u64, PendingWrite>,
+    flushes: HashMap<u64, oneshot::Sender<u32>>,
+    resync: HashMap<u64, (u64, OwnedSemaphorePermit)>,
+}
+
+/// One established link.
+struct Peer {
+    data: tokio::sync::Mutex<FrameWriter>,
+    meta: tokio::sync::Mutex<FrameWriter>,
+    inner: Mutex<PeerInner>,
+    next_id: AtomicU64,
+    /// Application writes go to the peer (it is in sync, or our sync target).
+    replicating: AtomicBool,
+    closed: watch::Sender<bool>,
+    started: Instant,
+    last_rx_ms: AtomicU64,
+    state: Mutex<Option<PeerState>>,
+    /// The state this node sent when the link came up: both nodes decide on the pair of
+    /// first states, so they reach the same decision.
+    sent: Mutex<Option<PeerState>>,
+    decision: Mutex<Option<Decision>>,
+    decided: Notify,
+    bitmap_done: Notify,
+    bitmap_received: AtomicBool,
+    resync_window: Arc<Semaphore>,
+    name: String,
+}
+
+impl Peer {
+    fn touch(&self) {
+        self.last_rx_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = self.last_rx_ms.load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+
+    fn is_dead(&self) -> bool {
+        lock(&self.inner).dead
+    }
+
+    async fn send_data(&self, msg: &Msg) -> Result<(), String> {
+        self.data
+            .lock()
+            .await
+            .send(msg)
+            .await
+            .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
+    }
+
+    async fn send_meta(&self, msg: &Msg) -> Result<(), String> {
+        self.meta
+            .lock()
+            .await
+            .send(msg)
+            .await
+            .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
+    }
+
+    /// Registers a replicated write; `None` if the link is already dead.
+    fn start_write(
+        &self,
+        offset: u64,
+        len: u64,
+        protocol: Protocol,
+    ) -> Option<(u64, Option<oneshot::Receiver<u32>>)> {
+        let mut g = lock(&self.inner);
+        if g.dead {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (ack, rx) = match protocol {
+            Protocol::A => (None, None),
+            Protocol::B | Protocol::C => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+        };
+        g.writes.insert(id, PendingWrite { offset, len, ack });
+        Some((id, rx))
+    }
+
+    /// Marks the link dead; returns the ranges of writes the peer never confirmed and whose
+    /// submitters no longer wait (they must be marked out of sync by someone).
+    fn kill(&self) -> Vec<(u64, u64)> {
+        let mut g = lock(&self.inner);
+        g.dead = true;
+        self.replicating.store(false, Ordering::SeqCst);
+        let mut orphans = Vec::new();
+        for (_, w) in g.writes.drain() {
+            // A waiting submitter sees its sender dropped and marks the range itself.
+            if w.ack.is_none() {
+                orphans.push((w.offset, w.len));
+            }
+        }
+        g.flushes.clear();
+        g.resync.clear();
+        drop(g);
+        self.closed.send_replace(true);
+        self.bitmap_done.notify_waiters();
+        self.decided.notify_waiters();
+        orphans
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    done: u64,
+    total: u64,
+    started: Option<Instant>,
+}
+
+struct View {
+    connection: Connection,
+    resync: Option<Progress>,
+    last_error: Option<String>,
+}
+
+/// What the node reads for its status.
+#[derive(Debug, Clone)]
+pub struct ReplStatus {
+    pub connection: Connection,
+    pub peer_role: Role,
+    pub peer_disk: DiskStatus,
+    pub resync: Option<ResyncStatus>,
+    pub replicated_writes: u64,
+    pub resynced_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+/// Replication of one node's disk to its peer.
+pub struct Replicator {
+    set: ReplSettings,
+    disk: Arc<Disk>,
+    meta: Arc<Mutex<MetaStore>>,
+    size: u64,
+    conflicts: Arc<Conflicts>,
+    peer: Mutex<Option<Arc<Peer>>>,
+    marker: DirtyMarker,
+    primary: Arc<AtomicBool>,
+    enabled: watch::Sender<bool>,
+    view: Mutex<View>,
+    replicated: AtomicU64,
+    resynced: AtomicU64,
+    changed: Arc<Notify>,
+    /// Incoming authenticated connections (acceptor side).
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Conn>>,
+    incoming_tx: mpsc::Sender<Conn>,
+}
+
+impl Replicator {
+    /// Creates the replicator; `start` binds the listener and runs the link.
+    pub fn new(
+        set: ReplSettings,
+        disk: Arc<Disk>,
+        meta: Arc<Mutex<MetaStore>>,
+        changed: Arc<Notify>,
+    ) -> Arc<Replicator> {
+        let size = lock(&meta).data_size();
+        let primary = Arc::new(AtomicBool::new(false));
+        let marker = DirtyMarker::spawn(Arc::clone(&meta), Arc::clone(&primary));
+        let (incoming_tx, incoming) = mpsc::channel(16);
+        Arc::new(Replicator {
+            set,
+            disk,
+            meta,
+            size,
+            conflicts: Conflicts::new(),
+            peer: Mutex::new(None),
+            marker,
+            primary,
+            enabled: watch::Sender::new(true),
+            view: Mutex::new(View {
+                connection: Connection::Connecting,
+                resync: None,
+                last_error: None,
+            }),
+            replicated: AtomicU64::new(0),
+            resynced: AtomicU64::new(0),
+            changed,
+            incoming: tokio::sync::Mutex::new(incoming),
+            incoming_tx,
+        })
+    }
+
+    /// Binds the replication listener and starts the link manager.
+    pub async fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.set.link.listen).await?;
+        tokio::spawn(Arc::clone(self).accept_loop(listener));
+        tokio::spawn(Arc::clone(self).link_loop());
+        Ok(())
+    }
+
+    pub fn conflicts(&self) -> &Arc<Conflicts> {
+        &self.conflicts
+    }
+
+    fn set_connection(&self, c: Connection) {
+        let mut v = lock(&self.view);
+        if v.connection != c {
+            tracing::info!(peer = %self.set.link.peer, "connection: {:?} -> {:?}", v.connection, c);
+            v.connection = c;
+            drop(v);
+            self.changed.notify_one();
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        lock(&self.view).last_error = e;
+    }
+
+    fn current_peer(&self) -> Option<Arc<Peer>> {
+        lock(&self.peer).clone()
+    }
+
+    /// The peer application writes must go to, if any. While a new link has not decided yet
+    /// what to sync (a round trip), writes wait for the decision rather than racing it.
+    async fn replicating_peer(&self) -> Option<Arc<Peer>> {
+        let p = self.current_peer()?;
+        loop {
+            let decided = p.decided.notified();
+            if p.is_dead() {
+                return None;
+            }
+            if lock(&p.decision).is_some() {
+                break;
+            }
+            if tokio::time::timeout(self.set.timeout, decided)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        p.replicating.load(Ordering::SeqCst).then_some(p)
+    }
+
+    /// The peer's role, if connected and known.
+    pub fn peer_role(&self) -> Option<Role> {
+        let p = self.current_peer()?;
+        let st = *lock(&p.state);
+        st.map(|s| {
+            if s.primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            }
+        })
+    }
+
+    /// True when connected and the peer holds the same data (no resync pending).
+    pub fn in_sync(&self) -> bool {
+        self.current_peer()
+            .is_some_and(|p| *lock(&p.decision) == Some(Decision::InSync))
+    }
+
+    pub fn status(&self) -> ReplStatus {
+        let v = lock(&self.view);
+        let peer = self.current_peer();
+        let pst = peer.as_ref().and_then(|p| *lock(&p.state));
+        let (peer_role, peer_disk) = match pst {
+            Some(s) => (
+                if s.primary {
+                    Role::Primary
+                } else {
+                    Role::Secondary
+                },
+                match DiskState::from_u8(s.disk) {
+                    Some(DiskState::UpToDate) => DiskStatus::UpToDate,
+                    Some(DiskState::Outdated) => DiskStatus::Outdated,
+                    Some(DiskState::Inconsistent) => DiskStatus::Inconsistent,
+                    None => DiskStatus::Unknown,
+                },
+            ),
+            None => (Role::Unknown, DiskStatus::Unknown),
+        };
+        let resync = v.resync.as_ref().map(|p| {
+            let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            ResyncStatus {
+                done_bytes: p.done,
+                total_bytes: p.total,
+                rate_bytes_per_s: if secs > 0.0 {
+                    (p.done as f64 / secs) as u64
+                } else {
+                    0
+                },
+            }
+        });
+        ReplStatus {
+            connection: v.connection,
+            peer_role,
+            peer_disk,
+            resync,
+            replicated_writes: self.replicated.load(Ordering::Relaxed),
+            resynced_bytes: self.resynced.load(Ordering::Relaxed),
+            last_error: v.last_error.clone(),
+        }
+    }
+
+    /// The local state as sent to the peer.
+    fn local_state(&self) -> PeerState {
+        let m = lock(&self.meta);
+        let sb = m.superblock();
+        PeerState {
+            primary: self.primary.load(Ordering::SeqCst),
+            disk: sb.disk_state as u8,
+            current: sb.generations.current,
+            bitmap: sb.generations.bitmap,
+            history: sb.generations.history,
+            dirty_bytes: m.bitmap().dirty_bytes(),
+            flags: sb.flags.bits(),
+        }
+    }
+
+    fn side_of(s: &PeerState, id: u64) -> Side {
+        Side {
+            primary: s.primary,
+            disk: DiskState::from_u8(s.disk).unwrap_or(DiskState::Inconsistent),
+            current: s.current,
+            bitmap: s.bitmap,
+            history: s.history,
+            dirty_bytes: s.dirty_bytes,
+            id,
+        }
+    }
+
+    /// Called by the node after a role change (the metadata already records it).
+    pub async fn role_changed(self: &Arc<Self>, primary: bool) {
+        self.primary.store(primary, Ordering::SeqCst);
+        if let Some(p) = self.current_peer() {
+            let st = self.local_state();
+            if p.send_meta(&Msg::State(st)).await.is_err() {
+                return;
+            }
+            // Two fresh nodes wait for a promotion; now there may be something to sync.
+            if matches!(*lock(&p.decision), Some(Decision::NoData)) {
+                let peer_state = *lock(&p.state);
+                if let Some(ps) = peer_state {
+                    self.evaluate(&p, ps).await;
+                }
+            }
+        }
+    }
+
+    /// Enables or disables the link (`connect` / `disconnect`).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.send_replace(on);
+        if !on {
+            if let Some(p) = self.current_peer() {
+                self.drop_link(&p, "disconnected by the operator");
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        *self.enabled.borrow()
+    }
+
+    /// Says goodbye to the peer (clean shutdown).
+    pub async fn shutdown(&self) {
+        self.enabled.send_replace(false);
+        if let Some(p) = self.current_peer() {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                p.send_meta(&Msg::Bye {
+                    reason: "node shutting down".into(),
+                }),
+            )
+            .await;
+            self.drop_link(&p, "node shutting down");
+        }
+    }
+
+    fn drop_link(&self, p: &Arc<Peer>, why: &str) {
+        if p.is_dead() {
+            return;
+        }
+        tracing::warn!(peer = %p.name, "peer link lost: {why}");
+        let orphans = p.kill();
+        {
+            let mut cur = lock(&self.peer);
+            if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, p)) {
+                *cur = None;
+            }
+        }
+        lock(&self.view).resync = None;
+        self.set_error(Some(why.to_string()));
+        if !orphans.is_empty() {
+            let me = self.marker_handle();
+            tokio::spawn(async move {
+                for (o, l) in orphans {
+                    if let Err(e) = me.mark(o, l).await {
+                        tracing::error!(error = %e, "cannot mark unconfirmed writes out of sync");
+                    }
+                }
+            });
+        }
+        self.changed.notify_one();
+    }
+
+    fn marker_handle(&self) -> DirtyMarker {
+        DirtyMarker {
+            meta: Arc::clone(&self.marker.meta),
+            primary: Arc::clone(&self.marker.primary),
+            tx: self.marker.tx.clone(),
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (s, addr): (tokio::net::TcpStream, SocketAddr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replication accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                match link::accept(s, &me.set.link).await {
+                    Ok(conn) => {
+                        let _ = me.incoming_tx.send(conn).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "refused a peer connection");
+                        me.set_error(Some(e.to_string()));
+                    }
+                }
+            });
+        }
+    }
+
+    /// Establishes links, runs them, and re-establishes them with backoff while enabled.
+    async fn link_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_logged = String::new();
+        let mut enabled = self.enabled.subscribe();
+        loop {
+            if !*enabled.borrow_and_update() {
+                if lock(&self.view).connection != Connection::SplitBrain {
+                    self.set_connection(Connection::Standalone);
+                }
+                if enabled.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            self.set_connection(Connection::Connecting);
+            let attempt = tokio::select! {
+                r = self.establish() => r,
+                _ = enabled.changed() => continue,
+            };
+            match attempt {
+                Ok((data, meta)) => {
+                    backoff = Duration::from_millis(100);
+                    last_logged.clear();
+                    self.set_error(None);
+                    let why = self.run_link(data, meta).await;
+                    tracing::info!(peer = %self.set.link.peer, "link ended: {why}");
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if msg != last_logged {
+                        tracing::warn!(peer = %self.set.link.peer, error = %msg, "cannot connect to the peer; retrying");
+                        last_logged = msg.clone();
+                    }
+                    self.set_error(Some(msg));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = enabled.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One link: both connections, authenticated, of the same session.
+    async fn establish(&self) -> Result<(Conn, Conn), link::LinkError> {
+        if self.set.link.dials() {
+            let session: u64 = rand::random();
+            let data = link::dial(&self.set.link, Channel::Data, session).await?;
+            let meta = link::dial(&self.set.link, Channel::Meta, session).await?;
+            Ok((data, meta))
+        } else {
+            let mut rx = self.incoming.lock().await;
+            let mut waiting: HashMap<u64, Conn> = HashMap::new();
+            loop {
+                let Some(c) = rx.recv().await else {
+                    return Err(link::LinkError::Closed);
+                };
+                if let Some(other) = waiting.remove(&c.session) {
+                    if other.channel != c.channel {
+                        let (data, meta) = if c.channel == Channel::Data {
+                            (c, other)
+                        } else {
+                            (other, c)
+                        };
+                        return Ok((data, meta));
+                    }
+                }
+                // Keep only the newest session's half-link.
+                waiting.retain(|s, _| *s == c.session);
+                waiting.insert(c.session, c);
+            }
+        }
+    }
+
+    /// Runs an established link until it fails; returns why it ended.
+    async fn run_link(self: &Arc<Self>, data: Conn, meta: Conn) -> String {
+        let (closed_tx, _) = watch::channel(false);
+        let peer = Arc::new(Peer {
+            data: tokio::sync::Mutex::new(data.writer),
+            meta: tokio::sync::Mutex::new(meta.writer),
+            inner: Mutex::new(PeerInner::default()),
+            next_id: AtomicU64::new(1),
+            replicating: AtomicBool::new(false),
+            closed: closed_tx,
+            started: Instant::now(),
+            last_rx_ms: AtomicU64::new(0),
+            state: Mutex::new(None),
+            sent: Mutex::new(None),
+            decision: Mutex::new(None),
+            decided: Notify::new(),
+            bitmap_done: Notify::new(),
+            bitmap_received: AtomicBool::new(false),
+            resync_window: Arc::new(Semaphore::new((RESYNC_WINDOW >> 10) as usize)),
+            name: self.set.link.peer.clone(),
+        });
+        peer.touch();
+        *lock(&self.peer) = Some(Arc::clone(&peer));
+        tracing::info!(peer = %peer.name, session = data.session, "peer link up");
+        self.set_connection(Connection::Connected);
+
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let me = Arc::clone(self);
+            let p = Arc::clone(&peer);
+            let r = data.reader;
+            tasks.spawn(async move { me.data_loop(p, r).await });
+        }
+        {
+            let me = Arc::clone(self);
+            let p = Arc::clone(&peer);
+            let r = meta.reader;
+            tasks.spawn(async move { me.meta_loop(p, r).await });
+        }
+        {
+            let me = Arc::clone(self);
+            let p = Arc::clone(&peer);
+            tasks.spawn(async move { me.heartbeat(p).await });
+        }
+        let first = self.local_state();
+        *lock(&peer.sent) = Some(first);
+        let why = match peer.send_meta(&Msg::State(first)).await {
+            Err(e) => e,
+            Ok(()) => {
+                let mut closed = peer.closed.subscribe();
+                tokio::select! {
+                    r = tasks.join_next() => match r {
+                        Some(Ok(Err(e))) => e,
+                        Some(Ok(Ok(()))) => "link closed".into(),
+                        Some(Err(e)) => format!("link task failed: {e}"),
+                        None => "link closed".into(),
+                    },
+                    _ = closed.wait_for(|c| *c) => lock(&self.view).last_error.clone().unwrap_or_else(|| "link closed".into()),
+                }
+            }
+        };
+        self.drop_link(&peer, &why);
+        tasks.abort_all();
+        // Writers may still hold the sockets: shut them down so the peer notices at once.
+        peer.data.lock().await.shutdown().await;
+        peer.meta.lock().await.shutdown().await;
+        why
+    }
+
+    async fn heartbeat(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
+        let mut tick = tokio::time::interval(self.set.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nonce = 0u64;
+        loop {
+            tick.tick().await;
+            let silent = peer.silent_for();
+            if silent > self.set.timeout {
+                return Err(format!(
+                    "no frame from the peer for {} ms (timeout {} ms): peer lost",
+                    silent.as_millis(),
+                    self.set.timeout.as_millis()
+                ));
+            }
+            nonce += 1;
+            // A ping stuck behind a full socket must not stall the watchdog.
+            let ping = Msg::Ping { nonce };
+            match tokio::time::timeout(self.set.timeout, peer.send_meta(&ping)).await {
+                Ok(r) => r?,
+                Err(_) => return Err("peer is not reading: heartbeat send timed out".into()),
+            }
+        }
+    }
+
+    async fn meta_loop(self: Arc<Self>, peer: Arc<Peer>, mut r: FrameReader) -> Result<(), String> {
+        loop {
+            let msg = r.recv().await.map_err(|e| e.to_string())?;
+            peer.touch();
+            match msg {
+                Msg::Ping { nonce } => peer.send_meta(&Msg::Pong { nonce }).await?,
+                Msg::Pong { .. } => {}
+                Msg::Received { id } => {
+                    if self.set.protocol == Protocol::B {
+                        let mut g = lock(&peer.inner);
+                        if let Some(tx) = g.writes.get_mut(&id).and_then(|w| w.ack.take()) {
+                            let _ = tx.send(0);
+                        }
+                    }
+                }
+                Msg::Written { id, errno } => {
+                    let w = lock(&peer.inner).writes.remove(&id);
+                    match w {
+                        Some(PendingWrite { ack: Some(tx), .. }) => {
+                            let _ = tx.send(errno);
+                        }
+                        Some(PendingWrite { offset, len, .. }) if errno != 0 => {
+                            // Already answered (protocol A/B): the peer could not write it.
+                            self.marker.mark(offset, len).await?;
+                        }
+                        Some(_) => {
+                            self.replicated.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => {}
+                    }
+                }
+                Msg::Flushed { id, errno } => {
+                    if let Some(tx) = lock(&peer.inner).flushes.remove(&id) {
+                        let _ = tx.send(errno);
+                    }
+                }
+                Msg::ResyncAck { offset, len, errno } => {
+                    self.resync_acked(&peer, offset, len, errno)?
+                }
+                Msg::State(st) => {
+                    *lock(&peer.state) = Some(st);
+                    self.evaluate(&peer, st).await;
+                    self.changed.notify_one();
+                }
+                Msg::Bye { reason } => return Err(format!("peer said goodbye: {reason}")),
+                other => {
+                    return Err(format!(
+                        "unexpected {} on the meta connection",
+                        other.name()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Decides, once per link (and again while there is no data on either side), what to do
+    /// with the peer; afterwards keeps a secondary's generation equal to its primary's.
+    async fn evaluate(self: &Arc<Self>, peer: &Arc<Peer>, st: PeerState) {
+        let current = *lock(&peer.decision);
+        match current {
+            Some(Decision::NoData) | None => {}
+            Some(Decision::InSync) => {
+                self.follow_generation(&st).await;
+                return;
+            }
+            Some(_) => return,
+        }
+        // The first decision is made on the states both nodes sent when the link came up;
+        // after a promotion of one of two data-less nodes, on the states sent since.
+        let me = match current {
+            None => (*lock(&peer.sent)).unwrap_or_else(|| self.local_state()),
+            Some(_) => self.local_state(),
+        };
+        let node_id = lock(&self.meta).superblock().node_id;
+        let d = decide::decide(
+            &Self::side_of(&me, node_id),
+            &Self::side_of(&st, node_id ^ u64::MAX),
+        );
+        *lock(&peer.decision) = Some(d);
+        tracing::info!(peer = %peer.name, "sync decision: {d:?}");
+        if matches!(d, Decision::InSync | Decision::Source { .. }) {
+            peer.replicating.store(true, Ordering::SeqCst);
+        }
+        peer.decided.notify_waiters();
+        match d {
+            Decision::InSync => {
+                peer.replicating.store(true, Ordering::SeqCst);
+                self.set_connection(Connection::Connected);
+                self.follow_generation(&st).await;
+            }
+            Decision::NoData => self.set_connection(Connection::Connected),
+            Decision::Source { full } => {
+                peer.replicating.store(true, Ordering::SeqCst);
+                self.set_connection(Connection::SyncSource);
+                let me = Arc::clone(self);
+                let p = Arc::clone(peer);
+                tokio::spawn(async move {
+                    if let Err(e) = me.resync_source(&p, full).await {
+                        tracing::warn!("resync stopped: {e}");
+                        me.drop_link(&p, &format!("resync failed: {e}"));
+                    }
+                });
+            }
+            Decision::Target { full } => {
+                self.set_connection(Connection::SyncTarget);
+                if let Err(e) = self.start_target(peer, full).await {
+                    self.drop_link(peer, &e);
+                }
+            }
+            Decision::SplitBrain => {
+                tracing::error!(peer = %peer.name, "split brain detected: both nodes changed the data while apart; staying disconnected until an operator resolves it");
+                self.set_error(Some("split brain detected".into()));
+                self.set_connection(Connection::SplitBrain);
+                self.enabled.send_replace(false);
+                self.drop_link(peer, "split brain detected");
+            }
+            Decision::Unrelated | Decision::PrimaryBehind | Decision::PeerPrimaryBehind => {
+                let why = match d {
+                    Decision::Unrelated => "the nodes' data are unrelated (no common generation)",
+                    Decision::PrimaryBehind => "this node is primary but the peer holds newer data",
+                    _ => "the peer is primary but this node holds newer data",
+                };
+                tracing::error!(peer = %peer.name, "refusing to sync: {why}");
+                self.set_error(Some(why.into()));
+                self.enabled.send_replace(false);
+                self.drop_link(peer, why);
+            }
+        }
+    }
+
+    /// A secondary in sync adopts its primary's generation (a promotion while connected).
+    async fn follow_generation(self: &Arc<Self>, st: &PeerState) {
+        if self.primary.load(Ordering::SeqCst) || !st.primary {
+            return;
+        }
+        let mine = lock(&self.meta).superblock().generations.current;
+        if mine == st.current {
+            return;
+        }
+        let (current, m) = (st.current, Arc::clone(&self.meta));
+        let res = tokio::task::spawn_blocking(move || {
+            lock(&m).update(|sb| {
+                let g = &mut sb.generations;
+                if g.current != 0 {
+                    g.history = [g.current, g.history[0]];
+                }
+                g.current = current;
+                g.bitmap = 0;
+                sb.disk_state = DiskState::UpToDate;
+            })
+        })
+        .await;
+        if !matches!(res, Ok(Ok(()))) {
+            tracing::error!("cannot record the primary's new generation");
+        }
+    }
+
+    async fn data_loop(self: Arc<Self>, peer: Arc<Peer>, mut r: FrameReader) -> Result<(), String> {
+        let mut inflight: FuturesUnordered<ApplyFuture> = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                Some(res) = inflight.next(), if !inflight.is_empty() => res?,
+                msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
+                    let msg = msg.map_err(|e| e.to_string())?;
+                    peer.touch();
+                    if let Some(fut) = self.apply(&peer, msg).await? {
+                        inflight.push(fut);
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), String> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(format!(
+                "peer sent {what} of {len} bytes at {offset}, beyond the device ({} bytes)",
+                self.size
+            )),
+        }
+    }
+
+    /// Handles one data-connection message; long work is returned as a future so the next
+    /// frames are read meanwhile. Tickets are taken here, in arrival order.
+    async fn apply(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        msg: Msg,
+    ) -> Result<Option<ApplyFuture>, String> {
+        let writable = || {
+            if self.primary.load(Ordering::SeqCst) {
+                Err("peer sent a write while this node is primary".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        match msg {
+            Msg::Write {
+                id,
+                offset,
+                fua,
+                data,
+            } => {
+                writable()?;
+                self.check_range("a write", offset, data.len() as u64)?;
+                if self.set.protocol == Protocol::B {
+                    peer.send_meta(&Msg::Received { id }).await?;
+                }
+                let mut t = self.conflicts.register(offset, data.len() as u64);
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = me.disk.write(offset, data, fua).await;
+                    drop(t);
+                    let errno = match res {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::error!(error = %e, "replicated write failed on this node");
+                            e.errno() as u32
+                        }
+                    };
+                    p.send_meta(&Msg::Written { id, errno }).await
+                })))
+            }
+            Msg::Trim { id, offset, len }
+            | Msg::Zeroes {
+                id, offset, len, ..
+            } => {
+                writable()?;
+                self.check_range("a trim", offset, len)?;
+                let zero = match msg {
+                    Msg::Zeroes { may_trim, .. } => Some(may_trim),
+                    _ => None,
+                };
+                let mut t = self.conflicts.register(offset, len);
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = match zero {
+                        Some(may_trim) => me.disk.write_zeroes(offset, len, may_trim).await,
+                        None => me.disk.trim(offset, len).await,
+                    };
+                    drop(t);
+                    let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
+                    p.send_meta(&Msg::Written { id, errno }).await
+                })))
+            }
+            Msg::Flush { id } => {
+                let mut t = self.conflicts.barrier();
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = me.disk.flush().await;
+                    drop(t);
+                    let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
+                    p.send_meta(&Msg::Flushed { id, errno }).await
+                })))
+            }
+            Msg::ResyncData { offset, data } => {
+                writable()?;
+                let len = data.len() as u64;
+                self.check_range("resync data", offset, len)?;
+                let mut t = self.conflicts.register(offset, len);
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = me.disk.write(offset, data, false).await;
+                    drop(t);
+                    let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
+                    if errno == 0 {
+                        me.resynced.fetch_add(len, Ordering::Relaxed);
+                        if let Some(pr) = lock(&me.view).resync.as_mut() {
+                            pr.done += len;
+                        }
+                    }
+                    p.send_meta(&Msg::ResyncAck { offset, len, errno }).await
+                })))
+            }
+            Msg::BitmapChunk { first_word, words } => {
+                self.merge_bitmap(first_word, &words);
+                Ok(None)
+            }
+            Msg::BitmapDone => {
+                peer.bitmap_received.store(true, Ordering::SeqCst);
+                peer.bitmap_done.notify_waiters();
+                Ok(None)
+            }
+            Msg::ResyncDone { current } => {
+                let mut t = self.conflicts.barrier();
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = me.finish_target(&p, current).await;
+                    drop(t);
+                    res
+                })))
+            }
+            Msg::Bye { reason } => Err(format!("peer said goodbye: {reason}")),
+            other => Err(format!(
+                "unexpected {} on the data connection",
+                other.name()
+            )),
+        }
+    }
+
+    /// ORs the peer's bitmap words into ours (in memory; flushed before the resync starts).
+    fn merge_bitmap(&self, first_word: u64, words: &[u64]) {
+        let mut m = lock(&self.meta);
+        let g = u64::from(m.bitmap().granularity());
+        for (i, w) in words.iter().enumerate() {
+            let mut w = *w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                let run = (w >> bit).trailing_ones() as u64;
+                let chunk = (first_word + i as u64) * 64 + bit;
+                m.set_dirty_lazy(chunk * g, run * g);
+                if bit + run >= 64 {
+                    break;
+                }
+                w &= !(((1u64 << run) - 1) << bit);
+            }
+        }
+    }
+
+    /// Sync target: record that the disk is inconsistent, then send our bitmap to the source.
+    async fn start_target(self: &Arc<Self>, peer: &Arc<Peer>, full: bool) -> Result<(), String> {
+        let m = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || {
+            lock(&m).update(|sb| sb.disk_state = DiskState::Inconsistent)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
+        self.changed.notify_one();
+        let total = (*lock(&peer.state)).map_or(0, |s| s.dirty_bytes);
+        lock(&self.view).resync = Some(Progress {
+            done: 0,
+            total: if full { self.size } else { total },
+            started: Some(Instant::now()),
+        });
+        if !full {
+            let chunks: Vec<(u64, Vec<u64>)> = {
+                let m = lock(&self.meta);
+                let bm = m.bitmap();
+                (0..bm.num_pages())
+                    .filter_map(|p| {
+                        let w = bm.page_words(p);
+                        w.iter()
+                            .any(|x| *x != 0)
+                            .then(|| ((p * crate::bitmap::WORDS_PER_PAGE) as u64, w.to_vec()))
+                    })
+                    .collect()
+            };
+            for (first_word, words) in chunks {
+                peer.send_data(&Msg::BitmapChunk { first_word, words })
+                    .await?;
+            }
+        }
+        peer.send_data(&Msg::BitmapDone).await
+    }
+
+    /// Sync target: every resync write is on disk; adopt the source's generation.
+    async fn finish_target(self: &Arc<Self>, peer: &Arc<Peer>, current: u64) -> Result<(), String> {
+        self.disk.flush().await.map_err(|e| e.to_string())?;
+        let m = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || {
+            let mut s = lock(&m);
+            s.bitmap_mut().clear_all();
+            s.flush_bitmap()?;
+            s.update(|sb| {
+                let g = &mut sb.generations;
+                if g.current != 0 && g.current != current {
+                    g.history = [g.current, g.history[0]];
+                }
+                g.current = current;
+                g.bitmap = 0;
+                sb.disk_state = DiskState::UpToDate;
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot record the finished resync: {e}"))?;
+        lock(&self.view).resync = None;
+        *lock(&peer.decision) = Some(Decision::InSync);
+        self.set_connection(Connection::Connected);
+        tracing::info!(peer = %peer.name, "resync finished: this node is up to date");
+        peer.send_meta(&Msg::State(self.local_state())).await
+    }
+
+    fn resync_acked(
+        &self,
+        peer: &Arc<Peer>,
+        offset: u64,
+        len: u64,
+        errno: u32,
+    ) -> Result<(), String> {
+        let entry = lock(&peer.inner).resync.remove(&offset);
+        drop(entry);
+        if errno != 0 {
+            return Err(format!(
+                "peer failed to write resync data at {offset} (+{len}): errno {errno}"
+            ));
+        }
+        lock(&self.meta).clear_clean_lazy(offset, len);
+        self.resynced.fetch_add(len, Ordering::Relaxed);
+        if let Some(p) = lock(&self.view).resync.as_mut() {
+            p.done += len;
+        }
+        Ok(())
+    }
+
+    /// Sync source: copies every out-of-sync region to the peer, then hands it our generation.
+    async fn resync_source(self: &Arc<Self>, peer: &Arc<Peer>, full: bool) -> Result<(), String> {
+        // The target first sends the regions it knows differ; they join ours.
+        loop {
+            let notified = peer.bitmap_done.notified();
+            if peer.bitmap_received.load(Ordering::SeqCst) {
+                break;
+            }
+            if peer.is_dead() {
+                return Err("link lost before the resync started".into());
+            }
+            notified.await;
+        }
+        let m = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || {
+            let mut s = lock(&m);
+            if full {
+                s.bitmap_mut().set_all();
+            }
+            s.flush_bitmap()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+
+        let total = lock(&self.meta).bitmap().dirty_bytes();
+        lock(&self.view).resync = Some(Progress {
+            done: 0,
+            total,
+            started: Some(Instant::now()),
+        });
+        self.changed.notify_one();
+        tracing::info!(peer = %peer.name, total, full, "resync started");
+        let started = Instant::now();
+        let mut sent: u64 = 0;
+        let mut last_flush = Instant::now();
+        for _round in 0..3 {
+            let runs: Vec<(u64, u64)> = lock(&self.meta).bitmap().iter_dirty_runs().collect();
+            if runs.is_empty() {
+                break;
+            }
+            for (run_off, run_len) in runs {
+                let mut off = run_off;
+                while off < run_off + run_len {
+                    let len = (run_off + run_len - off).min(RESYNC_CHUNK);
+                    if let Some(rate) = self.set.rate_bytes_per_s {
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    let permits = (len.div_ceil(1024)) as u32;
+                    let permit = Arc::clone(&peer.resync_window)
+                        .acquire_many_owned(permits)
+                        .await
+                        .map_err(|_| "resync window closed".to_string())?;
+                    if peer.is_dead() {
+                        return Err("link lost during the resync".into());
+                    }
+                    let mut t = self.conflicts.register(off, len);
+                    t.wait().await;
+                    let data = self
+                        .disk
+                        .read(off, len as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    lock(&peer.inner).resync.insert(off, (len, permit));
+                    peer.send_data(&Msg::ResyncData { offset: off, data })
+                        .await?;
+                    drop(t);
+                    sent += len;
+                    off += len;
+                    if last_flush.elapsed() > Duration::from_secs(1) {
+                        last_flush = Instant::now();
+                        let m = Arc::clone(&self.meta);
+                        let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
+                    }
+                }
+            }
+            // Wait for every acknowledgement: all permits back.
+            let all = (RESYNC_WINDOW >> 10) as u32;
+            let _ = Arc::clone(&peer.resync_window)
+                .acquire_many_owned(all)
+                .await
+                .map_err(|_| "resync window closed".to_string())?;
+            if peer.is_dead() {
+                return Err("link lost during the resync".into());
+            }
+        }
+        if lock(&self.meta).bitmap().dirty_bytes() != 0 {
+            return Err("regions stayed out of sync after three passes".into());
+        }
+        let m = Arc::clone(&self.meta);
+        let current = tokio::task::spawn_blocking(move || {
+            let mut s = lock(&m);
+            s.flush_bitmap()?;
+            s.update(|sb| sb.generations.bitmap = 0)?;
+            Ok::<u64, crate::meta::MetaError>(s.superblock().generations.current)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        peer.send_data(&Msg::ResyncDone { current }).await?;
+        lock(&self.view).resync = None;
+        *lock(&peer.decision) = Some(Decision::InSync);
+        self.set_connection(Connection::Connected);
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            peer = %peer.name,
+            bytes = sent,
+            seconds = format_args!("{secs:.2}"),
+            mb_per_s = format_args!("{:.1}", sent as f64 / secs.max(1e-9) / 1e6),
+            "resync finished"
+        );
+        Ok(())
+    }
+}
+
+/// The storage the export serves: the local disk, replicated to the peer when one is attached.
+pub struct ReplicatedDisk {
+    disk: Arc<Disk>,
+    repl: Option<Arc<Replicator>>,
+}
+
+impl ReplicatedDisk {
+    pub fn new(disk: Arc<Disk>, repl: Option<Arc<Replicator>>) -> ReplicatedDisk {
+        ReplicatedDisk { disk, repl }
+    }
+
+    /// Waits for the protocol's acknowledgement of a replicated operation; on any failure the
+    /// range is marked out of sync before the operation is answered.
+    async fn confirm(
+        r: &Replicator,
+        rx: Option<oneshot::Receiver<u32>>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StorageError> {
+        let Some(rx) = rx else {
+            return Ok(());
+        };
+        match rx.await {
+            Ok(0) => {
+                r.replicated.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => r
+                .marker
+                .mark(offset, len)
+                .await
+                .map_err(|e| meta_err("mark out of sync", offset, len, e)),
+        }
+    }
+
+    async fn replicate(
+        &self,
+        r: &Arc<Replicator>,
+        offset: u64,
+        len: u64,
+        msg: impl FnOnce(u64) -> Msg,
+        local: impl std::future::Future<Output = Result<(), StorageError>>,
+    ) -> Result<(), StorageError> {
+        let mut ticket = r.conflicts.register(offset, len);
+        ticket.wait().await;
+        let mut wait = None;
+        if let Some(p) = r.replicating_peer().await {
+            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol) {
+                let m = msg(id);
+                if let Err(e) = p.send_data(&m).await {
+                    r.drop_link(&p, &e);
+                }
+                wait = Some(rx);
+            }
+        }
+        if wait.is_none() {
+            r.marker
+                .mark(offset, len)
+                .await
+                .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
+        }
+        let res = local.await;
+        drop(ticket);
+        res?;
+        match wait {
+            Some(rx) => Self::confirm(r, rx, offset, len).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Backend for ReplicatedDisk {
+    fn engine(&self) -> &'static str {
+        self.disk.engine()
+    }
+
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, StorageError> {
+        self.disk.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), StorageError> {
+        let Some(r) = &self.repl else {
+            return self.disk.write(offset, data, fua).await;
+        };
+        let len = data.len() as u64;
+        let mut ticket = r.conflicts.register(offset, len);
+        ticket.wait().await;
+        let mut wait = None;
+        let mut data = data;
+        if let Some(p) = r.replicating_peer().await {
+            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol) {
+                let m = Msg::Write {
+                    id,
+                    offset,
+                    fua,
+                    data,
+                };
+                let sent = p.send_data(&m).await;
+                let Msg::Write { data: d, .. } = m else {
+                    unreachable!("built as a write just above")
+                };
+                data = d;
+                if let Err(e) = sent {
+                    r.drop_link(&p, &e);
+                }
+                wait = Some(rx);
+            }
+        }
+        if wait.is_none() {
+            r.marker
+                .mark(offset, len)
+                .await
+                .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
+        }
+        let res = self.disk.write(offset, data, fua).await;
+        drop(ticket);
+        res?;
+        match wait {
+            Some(rx) => Self::confirm(r, rx, offset, len).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        self.disk.flush().await?;
+        let Some(r) = &self.repl else {
+            return Ok(());
+        };
+        let Some(p) = r.replicating_peer().await else {
+            return Ok(());
+        };
+        let (tx, rx) = oneshot::channel();
+        let id = p.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut g = lock(&p.inner);
+            if g.dead {
+                return Ok(());
+            }
+            g.flushes.insert(id, tx);
+        }
+        if let Err(e) = p.send_data(&Msg::Flush { id }).await {
+            r.drop_link(&p, &e);
+            return Ok(());
+        }
+        // A lost link leaves the peer to be resynced; the local flush is what was promised.
+        let _ = rx.await;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {
+        let Some(r) = &self.repl else {
+            return self.disk.trim(offset, len).await;
+        };
+        self.replicate(
+            r,
+            offset,
+            len,
+            |id| Msg::Trim { id, offset, len },
+            self.disk.trim(offset, len),
+        )
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    ) -> Result<(), StorageError> {
+        let Some(r) = &self.repl else {
+            return self.disk.write_zeroes(offset, len, may_trim).await;
+        };
+        self.replicate(
+            r,
+            offset,
+            len,
+            |id| Msg::Zeroes {
+                id,
+                offset,
+                len,
+                may_trim,
+            },
+            self.disk.write_zeroes(offset, len, may_trim),
+        )
+        .await
+    }
+}
