@@ -4,8 +4,8 @@
 //! child processes of this binary (exactly as an operator would with `twinbd run`), promotes
 //! one, prints how to connect a client, and shows a live status line until Ctrl-C.
 //!
-//! This version runs a single node: peer replication is not part of it yet, and the demo
-//! says so rather than pretending to mirror anything.
+//! Two nodes, alpha and beta, replicate over loopback; alpha is promoted and exported at
+//! 127.0.0.1:10809, beta stands by (its export, 127.0.0.1:10810, opens when it is promoted).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,41 @@ fn wait_for_socket(path: &Path, child: &mut Child) -> Result<(), String> {
     ))
 }
 
+const NODES: [(&str, u16, u16); 2] = [("alpha", 17789, 10809), ("beta", 17790, 10810)];
+
+fn resource_text(dir: &Path) -> String {
+    let mut t = String::from(
+        "# twinbd demo resource: two nodes on loopback\n\
+         [resource]\nname = \"demo\"\nsecret = \"demo-secret\"\nprotocol = \"C\"\n\n\
+         [heartbeat]\ninterval_ms = 200\ntimeout_ms = 1000\n",
+    );
+    for (name, repl, nbd) in NODES {
+        t.push_str(&format!(
+            "\n[[node]]\nname = \"{name}\"\ndisk = \"{disk}\"\nmeta = \"{meta}\"\n\
+             replication = \"127.0.0.1:{repl}\"\nnbd = \"127.0.0.1:{nbd}\"\nadmin = \"{admin}\"\n",
+            disk = dir.join(format!("{name}.img")).display(),
+            meta = dir.join(format!("{name}.meta")).display(),
+            admin = dir.join(format!("{name}.sock")).display(),
+        ));
+    }
+    t
+}
+
+fn start_node(exe: &Path, res: &str, dir: &Path, name: &str) -> Result<Daemon, String> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))
+        .map_err(|e| format!("cannot create the log file: {e}"))?;
+    let child = Command::new(exe)
+        .args(["run", "-c", res, "-n", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .map_err(|e| format!("cannot start node {name}: {e}"))?;
+    let mut d = Daemon { child };
+    wait_for_socket(&dir.join(format!("{name}.sock")), &mut d.child)?;
+    Ok(d)
+}
+
 pub fn run(dir: Option<PathBuf>, size: &str) -> Result<(), String> {
     let size = parse_size(size)?;
     let (dir, _temp) = match dir {
@@ -118,69 +153,55 @@ pub fn run(dir: Option<PathBuf>, size: &str) -> Result<(), String> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let disk = dir.join("alpha.img");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&disk)
-        .map_err(|e| format!("cannot create {}: {e}", disk.display()))?;
-    f.set_len(size)
-        .map_err(|e| format!("cannot size {}: {e}", disk.display()))?;
+    for (name, _, _) in NODES {
+        let disk = dir.join(format!("{name}.img"));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&disk)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("cannot create {}: {e}", disk.display()))?;
+    }
     let res = dir.join("demo.toml");
-    let admin = dir.join("alpha.sock");
-    let text = format!(
-        r#"# twinbd demo resource (single node)
-[resource]
-name = "demo"
-secret = "demo-secret"
-
-[[node]]
-name = "alpha"
-disk = "{disk}"
-meta = "{meta}"
-replication = "127.0.0.1:17789"
-nbd = "127.0.0.1:10809"
-admin = "{admin}"
-"#,
-        disk = disk.display(),
-        meta = dir.join("alpha.meta").display(),
-        admin = admin.display(),
-    );
-    std::fs::write(&res, text).map_err(|e| format!("cannot write {}: {e}", res.display()))?;
+    std::fs::write(&res, resource_text(&dir))
+        .map_err(|e| format!("cannot write {}: {e}", res.display()))?;
     let res_s = res.display().to_string();
-    twinbd(&["create-md", "-c", &res_s, "-n", "alpha", "--force"])?;
-
+    for (name, _, _) in NODES {
+        twinbd(&["create-md", "-c", &res_s, "-n", name, "--force"])?;
+    }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
-    let child = Command::new(exe)
-        .args(["run", "-c", &res_s, "-n", "alpha"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("alpha.log"))
-                .map_err(|e| format!("cannot create the log file: {e}"))?,
-        ))
-        .spawn()
-        .map_err(|e| format!("cannot start the node daemon: {e}"))?;
-    let mut daemon = Daemon { child };
-    wait_for_socket(&admin, &mut daemon.child)?;
-    let mut client = Client::connect(&admin).map_err(|e| e.to_string())?;
-    client
+    let mut daemons = Vec::new();
+    for (name, _, _) in NODES {
+        daemons.push((name, start_node(&exe, &res_s, &dir, name)?));
+    }
+    let mut clients = Vec::new();
+    for (name, _, _) in NODES {
+        clients
+            .push(Client::connect(&dir.join(format!("{name}.sock"))).map_err(|e| e.to_string())?);
+    }
+    clients[0]
         .call(&Request::Promote { force: true }, Duration::from_secs(30))
         .map_err(|e| e.to_string())?;
 
     println!(
-        r#"twinbd demo: resource "demo", node alpha is PRIMARY, {size} exported over NBD.
-  files:   {dir}   (log: alpha.log)
-  NOTE:    single node: replication to a standby is not part of this version.
+        r#"twinbd demo: resource "demo" on two nodes, {size} each, replicating over loopback.
+  alpha is PRIMARY, exported at nbd://127.0.0.1:10809/demo; beta is its standby
+  (it serves nbd://127.0.0.1:10810/demo once promoted). The first full sync runs now.
+  files:   {dir}   (logs: alpha.log, beta.log)
 
 Try it (in another terminal):
   nbdinfo nbd://127.0.0.1:10809/demo
-  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10809/demo
-  twinbd status -c {res} -n alpha
-  twinbd demote -c {res} -n alpha --force     # the export closes; promote opens it again
+  qemu-io -f raw -c 'write -P 0xab 0 1M' nbd://127.0.0.1:10809/demo
+  twinbd status -c {res} -n alpha           # or -n beta; --json for scripts
+  twinbd events -c {res} -n beta            # one JSON line per state change
 
-Ctrl-C stops the node.
+A failover by hand:
+  twinbd demote -c {res} -n alpha --force   # (or kill the alpha daemon)
+  twinbd promote -c {res} -n beta
+  qemu-io -f raw -c 'read -P 0xab 0 1M' nbd://127.0.0.1:10810/demo
+
+Ctrl-C stops both nodes.
 "#,
         size = crate::status::human_bytes(size),
         dir = dir.display(),
@@ -188,30 +209,36 @@ Ctrl-C stops the node.
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = Arc::clone(&stop);
-        ctrlc_flag(stop)?;
-    }
+    ctrlc_flag(Arc::clone(&stop))?;
     while !stop.load(Ordering::SeqCst) {
-        if let Ok(Some(status)) = daemon.child.try_wait() {
-            return Err(format!(
-                "the node daemon exited ({status}); see {}",
-                dir.join("alpha.log").display()
-            ));
-        }
-        match client.call(&Request::Status, Duration::from_secs(5)) {
-            Ok(r) => {
-                if let Some(st) = r.status {
-                    print!("\r\x1b[2K{}", st.line());
-                    let _ = std::io::stdout().flush();
-                }
+        let mut line = String::new();
+        for ((name, d), c) in daemons.iter_mut().zip(clients.iter_mut()) {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                line.push_str(&format!("{name}: exited ({st}) | "));
+                continue;
             }
-            Err(e) => print!("\r\x1b[2Kstatus unavailable: {e}"),
+            match c.call(&Request::Status, Duration::from_secs(5)) {
+                Ok(r) => {
+                    if let Some(st) = r.status {
+                        line.push_str(&st.line());
+                        if let Some(rs) = &st.resync {
+                            line.push_str(&format!(
+                                " sync {:.0}%",
+                                rs.done_bytes as f64 * 100.0 / rs.total_bytes.max(1) as f64
+                            ));
+                        }
+                    }
+                }
+                Err(e) => line.push_str(&format!("{name}: status unavailable: {e}")),
+            }
+            line.push_str("  ||  ");
         }
+        print!("\r\x1b[2K{}", line.trim_end_matches([' ', '|']));
+        let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(500));
     }
-    println!("\nstopping the node...");
-    drop(daemon);
+    println!("\nstopping both nodes...");
+    drop(daemons);
     println!("stopped.");
     Ok(())
 }

@@ -92,6 +92,14 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// List a split-brain recovery file, or write its saved blocks back into a disk or image.
+    Recovery {
+        /// The recovery file (written beside the metadata of a node that lost a split brain).
+        file: PathBuf,
+        /// Write every saved block into this disk or image file (at its original offset).
+        #[arg(long)]
+        apply: Option<PathBuf>,
+    },
     /// Run a demonstration on loopback, exported over NBD at 127.0.0.1:10809.
     Demo {
         /// Directory for the disk and metadata files (default: a new temporary directory).
@@ -236,5 +244,36 @@ fn dispatch(cmd: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Demo { dir, size } => twinbd::demo::run(dir, &size),
+        Command::Recovery { file, apply } => {
+            let c = twinbd::repl::recovery::read(&file).map_err(|e| e.to_string())?;
+            let bytes: usize = c.records.iter().map(|r| r.data.len()).sum();
+            println!(
+                "recovery file of node {} (resource {}), device {} bytes, {} record(s), {} bytes saved{}",
+                c.node,
+                c.resource,
+                c.size,
+                c.records.len(),
+                bytes,
+                if c.torn_tail { " (a torn last record was ignored)" } else { "" }
+            );
+            match apply {
+                None => {
+                    for r in &c.records {
+                        println!(
+                            "{:>16} {:>10} crc32c {:08x}",
+                            r.offset,
+                            r.data.len(),
+                            crc32c::crc32c(&r.data)
+                        );
+                    }
+                }
+                Some(target) => {
+                    let n =
+                        twinbd::repl::recovery::apply(&c, &target).map_err(|e| e.to_string())?;
+                    println!("wrote {n} bytes back into {}", target.display());
+                }
+            }
+            Ok(())
+        }
     }
 }

@@ -92,6 +92,7 @@ mod off {
     pub const GEN_HISTORY: usize = 80;
     pub const BITMAP_OFFSET: usize = 96;
     pub const BITMAP_PAGES: usize = 104;
+    pub const PROMOTED_AT: usize = 112;
     pub const RESOURCE: usize = 128;
     pub const NODE: usize = 192;
 }
@@ -474,7 +475,8 @@ pub struct Generations {
 ///  80    16  generation history[0], history[1] (u64 each)
 ///  96     8  bitmap offset relative to the area start (u64) = 8192
 /// 104     8  bitmap page count (u64)
-/// 112    16  reserved, 0
+/// 112     8  promoted_at (u64, ms since the Unix epoch of the last promotion; 0 = never)
+/// 120     8  reserved, 0
 /// 128    64  resource name: length (u8, 1..=63) + 63 bytes, NUL padded
 /// 192    64  node name: same encoding
 /// 256  3840  reserved for future fields, 0 (covered by the crc)
@@ -501,6 +503,9 @@ pub struct Superblock {
     pub flags: Flags,
     /// Data generation identifiers.
     pub generations: Generations,
+    /// When this node was last promoted (ms since the Unix epoch; 0 = never). Decides which
+    /// primary is the younger one after a split brain.
+    pub promoted_at_ms: u64,
 }
 
 impl Superblock {
@@ -522,6 +527,7 @@ impl Superblock {
             disk_state: DiskState::Inconsistent,
             flags: Flags::empty(),
             generations: Generations::default(),
+            promoted_at_ms: 0,
         }
     }
 
@@ -572,6 +578,7 @@ impl Superblock {
         put_u64(&mut b, off::GEN_HISTORY + 8, g.history[1]);
         put_u64(&mut b, off::BITMAP_OFFSET, BITMAP_OFFSET);
         put_u64(&mut b, off::BITMAP_PAGES, self.bitmap_pages());
+        put_u64(&mut b, off::PROMOTED_AT, self.promoted_at_ms);
         put_name(&mut b, off::RESOURCE, &self.resource);
         put_name(&mut b, off::NODE, &self.node);
         let crc = block_crc(&b);
@@ -640,6 +647,7 @@ impl Superblock {
                     get_u64(b, off::GEN_HISTORY + 8),
                 ],
             },
+            promoted_at_ms: get_u64(b, off::PROMOTED_AT),
         };
         Ok((sb, get_u64(b, off::SEQ)))
     }

@@ -21,9 +21,8 @@
 #   --size SIZE        disk image size, e.g. 1G, 512M (env SIZE, default 1G)
 #   --runtime SEC      seconds per fio job (env RUNTIME, default 10)
 #   --ramp SEC         fio ramp_time before measuring (env RAMP, default 1)
-#   --repeat N         run the matrix N times per server, report the median
-#                      (env REPEAT, default 1); repeats are interleaved
-#                      (A B A B ...) so drift hits every server alike
+#   --repeat N         measure everything N times, report the median and
+#                      list every run (env REPEAT, default 1)
 #   --dir DIR          where disk images go (env BENCH_DIR, default /var/tmp);
 #                      all servers' images live on this one filesystem
 #   --transport T      tcp (default) or unix (env TRANSPORT)
@@ -32,7 +31,15 @@
 #                      sparse image and fill it by a sequential fio write
 #                      through the server before the matrix (env FILL)
 #   --tests LIST       subset of: rw4k_qd1,rw4k_qd32,rr4k_qd32,sw1m_qd8,sr1m_qd8
+#   --order MODE       test (default): for each test, every server in turn,
+#                      each on a fresh image and freshly started, so that the
+#                      figures compared were measured seconds apart;
+#                      matrix: each server runs the whole matrix on one image
+#                      (fewer restarts; use it for slow-to-start servers such
+#                      as pair).  Either way repeats alternate the server order
+#                      (A B, B A, ...).  (env ORDER)
 #   --no-drop-caches   do not drop the page cache before each server
+#   --no-pin           do not pin (see PIN below)
 #   --keep             keep the work directory (fio JSON, server logs)
 #   --out FILE         also write the report (markdown) to FILE
 #   -h, --help
@@ -45,10 +52,15 @@
 #                        without the daemon.  It must stay in the foreground
 #                        and serve NBD at $NBD_ADDR; it gets DISK, PORT (empty
 #                        for unix), SOCK (empty for tcp), NBD_ADDR, WORKDIR.
-#                        Example: 'exec nbdkit -f -i 127.0.0.1 -p "$PORT" file "$DISK"'
+#                        Example (tcp):
+#                        'exec nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" file "$DISK"'
 #   NBDKIT_THREADS       nbdkit --threads value (default: nbdkit's own, 16)
 #   NBDKIT_PLUGIN_ARGS   extra file-plugin arguments, e.g. "cache=none"
 #   PAIR_SYNC_TIMEOUT    seconds to wait for the pair's initial sync (600)
+#   PIN                  1 (default with 2+ CPUs): servers run on SERVER_CPUS
+#                        (default: all but CPU 0), fio on CLIENT_CPUS (default
+#                        0), via taskset, so client and server never fight for
+#                        one CPU and every server gets the same CPUs; 0 = off
 #
 # Numbers: IOPS and MB/s (10^6 bytes/s) from fio's JSON; latency is fio's
 # total latency (lat_ns, submission + completion) 50th percentile in µs.
@@ -58,7 +70,13 @@
 # Comparability: fio's random offsets use its fixed default seed
 # (randrepeat=1); the seed image is the same bytes on every run (AES-CTR
 # keystream of a fixed key); every server starts on a fresh copy with the
-# page cache dropped (when /proc/sys/vm/drop_caches is writable).
+# page cache dropped (when /proc/sys/vm/drop_caches is writable); with
+# --order test the two figures of a row are measured seconds apart.
+#
+# Noise: on the project's 2-vCPU machine two identical nbdkit servers differ
+# by up to 20-30% on a single 10 s run, and whole runs drift by a third from
+# one minute to the next (shared host).  Use REPEAT=3 or more, read the
+# "every run" lines, and do not read much into ratios within 0.8-1.2.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -76,8 +94,9 @@ shquote() {                 # quote for a shell only when needed
     fi
 }
 env_prefix=""
-for v in RUNTIME SIZE REPEAT RAMP BENCH_DIR TRANSPORT FILL TESTS TWINBD \
-         TWINBD_CMD_OVERRIDE NBDKIT_THREADS NBDKIT_PLUGIN_ARGS; do
+for v in RUNTIME SIZE REPEAT RAMP BENCH_DIR TRANSPORT FILL ORDER TESTS TWINBD \
+         TWINBD_CMD_OVERRIDE NBDKIT_THREADS NBDKIT_PLUGIN_ARGS PIN SERVER_CPUS \
+         CLIENT_CPUS; do
     if [ -n "${!v:-}" ]; then
         env_prefix+="$v=$(shquote "${!v}") "
     fi
@@ -90,8 +109,13 @@ RAMP=${RAMP:-1}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 TRANSPORT=${TRANSPORT:-tcp}
 FILL=${FILL:-copy}
+ORDER=${ORDER:-test}
 TESTS=${TESTS:-rw4k_qd1,rw4k_qd32,rr4k_qd32,sw1m_qd8,sr1m_qd8}
 DROP_CACHES=1
+NCPU=$(nproc)
+if [ "$NCPU" -ge 2 ]; then PIN=${PIN:-1}; else PIN=0; fi
+if [ "$NCPU" -gt 2 ]; then SERVER_CPUS=${SERVER_CPUS:-1-$((NCPU - 1))}; else SERVER_CPUS=${SERVER_CPUS:-1}; fi
+CLIENT_CPUS=${CLIENT_CPUS:-0}
 KEEP=0
 OUT=""
 REF=""
@@ -116,8 +140,10 @@ while [ $# -gt 0 ]; do
         --dir) BENCH_DIR=$2; shift 2 ;;
         --transport) TRANSPORT=$2; shift 2 ;;
         --fill) FILL=$2; shift 2 ;;
+        --order) ORDER=$2; shift 2 ;;
         --tests) TESTS=$2; shift 2 ;;
         --no-drop-caches) DROP_CACHES=0; shift ;;
+        --no-pin) PIN=0; shift ;;
         --keep) KEEP=1; shift ;;
         --out) OUT=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -143,6 +169,7 @@ REF=${REF:-${SERVERS[0]}}
 [[ "$REPEAT" =~ ^[0-9]+$ && "$REPEAT" -gt 0 ]] || die "bad repeat: $REPEAT"
 case "$TRANSPORT" in tcp|unix) ;; *) die "transport must be tcp or unix" ;; esac
 case "$FILL" in copy|server) ;; *) die "fill must be copy or server" ;; esac
+case "$ORDER" in test|matrix) ;; *) die "order must be test or matrix" ;; esac
 SIZE_BYTES=$(numfmt --from=iec "$SIZE" 2>/dev/null) || die "bad size: $SIZE"
 [ "$SIZE_BYTES" -ge $((16 << 20)) ] || die "size must be at least 16M"
 
@@ -160,6 +187,15 @@ done
 for tool in fio python3 numfmt timeout nbdinfo; do
     command -v "$tool" >/dev/null || die "$tool is required"
 done
+# on_server_cpus / on_client_cpus CMD...: run CMD pinned (exec, same pid).
+SERVER_PIN=(); CLIENT_PIN=()
+if [ "$PIN" = 1 ]; then
+    command -v taskset >/dev/null || die "taskset is required for pinning (or --no-pin)"
+    SERVER_PIN=(taskset -c "$SERVER_CPUS"); CLIENT_PIN=(taskset -c "$CLIENT_CPUS")
+    PIN_NOTE="servers pinned to CPU $SERVER_CPUS, fio to CPU $CLIENT_CPUS"
+else
+    PIN_NOTE="no CPU pinning"
+fi
 
 # ---------------------------------------------------------------- bookkeeping
 WORK=$(mktemp -d "$BENCH_DIR/twinbd-bench.XXXXXX")
@@ -244,7 +280,7 @@ start_server_nbdkit() {
     if [ -n "$EP_PORT" ]; then args+=(-i 127.0.0.1 -p "$EP_PORT"); else args+=(-U "$EP_SOCK"); fi
     [ -n "${NBDKIT_THREADS:-}" ] && args+=(--threads "$NBDKIT_THREADS")
     # shellcheck disable=SC2086  # NBDKIT_PLUGIN_ARGS is a word list on purpose
-    nbdkit "${args[@]}" file "$disk" ${NBDKIT_PLUGIN_ARGS:-} 2>"$dir/nbdkit.log" &
+    "${SERVER_PIN[@]}" nbdkit "${args[@]}" file "$disk" ${NBDKIT_PLUGIN_ARGS:-} 2>"$dir/nbdkit.log" &
     pid=$!; PIDS[$pid]=nbdkit; NBDKIT_PID=$pid
     SERVER_URI=$EP_URI
     wait_nbd "$SERVER_URI" "$pid" 20
@@ -287,7 +323,7 @@ twinbd_start_node() {
     local bin=$1 conf=$2 node=$3 dir=$4 label=$5 i pid
     timeout 60 "$bin" create-md -c "$conf" -n "$node" >"$dir/$node.create-md.log" 2>&1 \
         || { log "create-md failed:"; cat "$dir/$node.create-md.log" >&2; return 1; }
-    "$bin" run -c "$conf" -n "$node" 2>"$dir/$node.log" &
+    "${SERVER_PIN[@]}" "$bin" run -c "$conf" -n "$node" 2>"$dir/$node.log" &
     pid=$!; PIDS[$pid]=$label; NODE_PID=$pid
     for ((i = 0; i < 300; i++)); do
         [ -S "$dir/$node.admin.sock" ] && return 0
@@ -302,7 +338,7 @@ start_server_twinbd() {
     nbd_endpoint "$dir" twinbd
     if [ -n "${TWINBD_CMD_OVERRIDE:-}" ]; then
         DISK=$disk PORT=$EP_PORT SOCK=$EP_SOCK NBD_ADDR=$EP_ADDR WORKDIR=$dir \
-            bash -c "$TWINBD_CMD_OVERRIDE" 2>"$dir/twinbd-override.log" &
+            "${SERVER_PIN[@]}" bash -c "$TWINBD_CMD_OVERRIDE" 2>"$dir/twinbd-override.log" &
         pid=$!; PIDS[$pid]="twinbd (override)"; TWINBD_PIDS=($pid)
         SERVER_URI=$EP_URI
         wait_nbd "$SERVER_URI" "$pid" 20
@@ -431,7 +467,7 @@ run_fio() {
         limit=$((RUNTIME + RAMP + 120))
     fi
     # In the background so that SIGTERM/SIGINT reach the trap at once.
-    timeout "$limit" fio "${args[@]}" >/dev/null 2>"$out.err" &
+    timeout "$limit" "${CLIENT_PIN[@]}" fio "${args[@]}" >/dev/null 2>"$out.err" &
     pid=$!; PIDS[$pid]=fio
     wait "$pid" || rc=$?
     unset "PIDS[$pid]"
@@ -441,52 +477,67 @@ run_fio() {
 # ---------------------------------------------------------------- run
 
 log "servers: ${SERVERS[*]} (reference: $REF); tests: ${TEST_LIST[*]}"
-log "size $SIZE, runtime ${RUNTIME}s + ${RAMP}s ramp, repeat $REPEAT, transport $TRANSPORT, fill $FILL; work dir $WORK"
+log "size $SIZE, runtime ${RUNTIME}s + ${RAMP}s ramp, repeat $REPEAT, transport $TRANSPORT, fill $FILL, order $ORDER; work dir $WORK"
 [ "$FILL" = copy ] && make_seed
 mkdir -p "$WORK/results"
 
-for ((rep = 1; rep <= REPEAT; rep++)); do
-    for s in "${SERVERS[@]}"; do
-        sdir=$WORK/run-$s-$rep
-        mkdir -p "$sdir" "$WORK/results/$s"
-        kind=$s
-        disk=""
-        if [ -n "${EXTERNAL_URI[$s]:-}" ]; then
-            kind=external
+# session SERVER REP TEST...: one server, fresh image, started, the tests
+# run in order, stopped, image removed.
+session() {
+    local s=$1 rep=$2; shift 2
+    local sdir=$WORK/run-$s-$rep-$1 kind=$s disk="" t out
+    mkdir -p "$sdir" "$WORK/results/$s"
+    if [ -n "${EXTERNAL_URI[$s]:-}" ]; then
+        kind=external
+    else
+        disk=$sdir/disk.img
+        if [ "$FILL" = copy ]; then
+            cp --sparse=never "$SEED" "$disk"
         else
-            disk=$sdir/disk.img
-            if [ "$FILL" = copy ]; then
-                cp --sparse=never "$SEED" "$disk"
-            else
-                truncate -s "$SIZE_BYTES" "$disk"
-            fi
+            truncate -s "$SIZE_BYTES" "$disk"
         fi
-        drop_caches
-        log "[$rep/$REPEAT] $s: starting"
-        SERVER_URI=""
-        if ! "start_server_$kind" "$sdir" "$disk" "$s"; then
-            "stop_server_$kind" "$sdir" || true
-            die "$s did not start; logs in $sdir (use --keep to keep them)"
+    fi
+    drop_caches
+    SERVER_URI=""
+    if ! "start_server_$kind" "$sdir" "$disk" "$s"; then
+        "stop_server_$kind" "$sdir" || true
+        die "$s did not start; logs in $sdir (use --keep to keep them)"
+    fi
+    log "[$rep/$REPEAT] $s: serving at $SERVER_URI"
+    if [ "$FILL" = server ] || [ "$kind" = external ]; then
+        log "[$rep/$REPEAT] $s: filling the disk through the server"
+        run_fio "$SERVER_URI" fill "$sdir/fill.json" write 1M 8 0 \
+            || die "$s: fill failed: $(tail -3 "$sdir/fill.json.err")"
+    fi
+    for t in "$@"; do
+        out=$WORK/results/$s/$t.$rep.json
+        if run_fio "$SERVER_URI" "$t" "$out" "${T_RW[$t]}" "${T_BS[$t]}" "${T_QD[$t]}"; then
+            log "[$rep/$REPEAT] $s: $t done"
+        else
+            log "[$rep/$REPEAT] $s: $t FAILED: $(tail -3 "$out.err" | tr '\n' ' ')"
+            rm -f "$out"
         fi
-        log "[$rep/$REPEAT] $s: serving at $SERVER_URI"
-        if [ "$FILL" = server ] || [ "$kind" = external ]; then
-            log "[$rep/$REPEAT] $s: filling the disk through the server"
-            run_fio "$SERVER_URI" fill "$sdir/fill.json" write 1M 8 0 \
-                || die "$s: fill failed: $(tail -3 "$sdir/fill.json.err")"
-        fi
-        for t in "${TEST_LIST[@]}"; do
-            out=$WORK/results/$s/$t.$rep.json
-            if run_fio "$SERVER_URI" "$t" "$out" "${T_RW[$t]}" "${T_BS[$t]}" "${T_QD[$t]}"; then
-                log "[$rep/$REPEAT] $s: $t done"
-            else
-                log "[$rep/$REPEAT] $s: $t FAILED: $(tail -3 "$out.err" | tr '\n' ' ')"
-                rm -f "$out"
-            fi
-        done
-        "stop_server_$kind" "$sdir"
-        # keep logs, drop the image: the next server gets a fresh one
-        rm -f "$disk" "$sdir/beta.img"
     done
+    "stop_server_$kind" "$sdir"
+    # keep logs, drop the image: the next session gets a fresh one
+    rm -f "$disk" "$sdir/beta.img"
+}
+
+for ((rep = 1; rep <= REPEAT; rep++)); do
+    # every other repeat runs the servers in reverse order, so that neither
+    # always goes first
+    order=("${SERVERS[@]}")
+    if [ $((rep % 2)) = 0 ]; then
+        order=()
+        for ((i = ${#SERVERS[@]} - 1; i >= 0; i--)); do order+=("${SERVERS[$i]}"); done
+    fi
+    if [ "$ORDER" = matrix ]; then
+        for s in "${order[@]}"; do session "$s" "$rep" "${TEST_LIST[@]}"; done
+    else
+        for t in "${TEST_LIST[@]}"; do
+            for s in "${order[@]}"; do session "$s" "$rep" "$t"; done
+        done
+    fi
 done
 
 # ---------------------------------------------------------------- report
@@ -497,7 +548,7 @@ override_note=""
 if [ -n "${TWINBD_CMD_OVERRIDE:-}" ]; then
     override_note="NOTE: the twinbd slot ran TWINBD_CMD_OVERRIDE, not twinbd: $TWINBD_CMD_OVERRIDE"
 fi
-setup="size $SIZE, fio time_based ${RUNTIME}s after ${RAMP}s ramp, median of $REPEAT, transport $TRANSPORT, fill $FILL, $CACHES_NOTE; $(fio --version), $(nbdkit --version 2>/dev/null || echo 'nbdkit ?'); $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r); disks on $(df -P "$BENCH_DIR" | awk 'NR==2{print $1}')"
+setup="size $SIZE, fio time_based ${RUNTIME}s after ${RAMP}s ramp, median of $REPEAT, order $ORDER, transport $TRANSPORT, fill $FILL, $CACHES_NOTE, $PIN_NOTE; $(fio --version), $(nbdkit --version 2>/dev/null || echo 'nbdkit ?'); $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r); disks on $(df -P "$BENCH_DIR" | awk 'NR==2{print $1}')"
 
 report=$(python3 - "$WORK/results" "$REF" "$cmdline" "$setup" "$override_note" \
     "$(IFS=,; echo "${SERVERS[*]}")" "$(IFS=,; echo "${TEST_LIST[*]}")" <<'EOF'

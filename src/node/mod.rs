@@ -14,18 +14,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 
 use crate::config::{Config, MetaSpec, NodeConfig};
 use crate::control::{Event, Reply, Request};
 use crate::meta::{self, DiskState, Flags, MetaLocation, MetaStore};
 use crate::nbd::server::{self as nbd, Export, ExportState, Listener, ServerCtx};
 use crate::peer::link::LinkParams;
-use crate::repl::{ReplSettings, ReplicatedDisk, Replicator};
+use crate::repl::{ReplEvent, ReplSettings, ReplicatedDisk, Replicator};
 use crate::status::{Connection, DiskStatus, PeerStatus, Role, Stats, Status};
 use crate::storage::{self, Backend, Disk, EngineChoice};
 use state::{Decision, RoleView};
 
+/// How long a handler may run before it is killed.
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutdown and demotion wait for NBD clients to finish their requests.
 const CLIENT_DRAIN: Duration = Duration::from_secs(30);
 
@@ -120,6 +122,7 @@ pub struct Node {
     transition: tokio::sync::Mutex<()>,
     events: broadcast::Sender<String>,
     changed: Arc<Notify>,
+    repl_events: Mutex<Option<mpsc::UnboundedReceiver<ReplEvent>>>,
     detail: Mutex<String>,
 }
 
@@ -174,6 +177,13 @@ impl Node {
         let disk = Arc::new(disk);
         let meta = Arc::new(Mutex::new(store));
         let changed = Arc::new(Notify::new());
+        let (repl_tx, repl_rx) = mpsc::unbounded_channel();
+        let recovery_dir = match &me.meta {
+            MetaSpec::External(p) => p.parent(),
+            MetaSpec::Internal => me.disk.parent(),
+        }
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
         let repl = cfg.peer_of(&me.name).map(|peer| {
             Replicator::new(
                 ReplSettings {
@@ -181,6 +191,9 @@ impl Node {
                     interval: cfg.heartbeat.interval,
                     timeout: cfg.heartbeat.timeout,
                     rate_bytes_per_s: cfg.sync.rate_bytes_per_s(),
+                    auto_promote: cfg.failover.auto_promote,
+                    after_split_brain: cfg.failover.after_split_brain,
+                    recovery_dir: recovery_dir.clone(),
                     link: LinkParams {
                         resource: cfg.resource.name.clone(),
                         secret: cfg.resource.secret.clone(),
@@ -195,6 +208,7 @@ impl Node {
                 Arc::clone(&disk),
                 Arc::clone(&meta),
                 Arc::clone(&changed),
+                repl_tx.clone(),
             )
         });
         let export = Arc::new(Export {
@@ -225,6 +239,7 @@ impl Node {
             transition: tokio::sync::Mutex::new(()),
             events,
             changed,
+            repl_events: Mutex::new(Some(repl_rx)),
             detail: Mutex::new("started".into()),
             cfg,
             me,
@@ -333,6 +348,7 @@ impl Node {
                 sb.generations.bitmap = old;
             }
             sb.flags.insert(Flags::WAS_PRIMARY);
+            sb.promoted_at_ms = now_ms();
         })
         .await
         .map_err(|e| format!("cannot record the promotion in the metadata: {e}"))?;
@@ -354,6 +370,7 @@ impl Node {
             "promoted to primary; NBD export open on {}",
             self.me.nbd
         );
+        self.run_handler("promote");
         Ok(format!("{} is now primary", self.me.name))
     }
 
@@ -378,6 +395,7 @@ impl Node {
             r.role_changed(false).await;
         }
         tracing::info!("demoted to secondary; NBD export closed");
+        self.run_handler("demote");
         Ok(format!("{} is now secondary", self.me.name))
     }
 
@@ -420,6 +438,123 @@ impl Node {
         }
     }
 
+    /// Runs the `[handlers]` command for `event` (promote, demote, split_brain, peer_lost),
+    /// if one is configured: `sh -c`, with the resource, node, role and peer in its
+    /// environment, killed after 60 s; its failure is logged, never fatal.
+    fn run_handler(&self, event: &'static str) {
+        let h = &self.cfg.handlers;
+        let cmd = match event {
+            "promote" => h.on_promote.clone(),
+            "demote" => h.on_demote.clone(),
+            "split_brain" => h.on_split_brain.clone(),
+            "peer_lost" => h.on_peer_lost.clone(),
+            _ => None,
+        };
+        let Some(cmd) = cmd else {
+            return;
+        };
+        let role = match self.snap().role {
+            Role::Primary => "primary",
+            _ => "secondary",
+        };
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c")
+            .arg(&cmd)
+            .env("TWINBD_RESOURCE", &self.cfg.resource.name)
+            .env("TWINBD_NODE", &self.me.name)
+            .env("TWINBD_ROLE", role)
+            .env("TWINBD_PEER", &self.peer_name)
+            .env("TWINBD_EVENT", event)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        tokio::spawn(async move {
+            let child = match c.spawn() {
+                Ok(ch) => ch,
+                Err(e) => {
+                    tracing::error!(event, command = %cmd, error = %e, "cannot start handler");
+                    return;
+                }
+            };
+            match tokio::time::timeout(HANDLER_TIMEOUT, child.wait_with_output()).await {
+                Err(_) => {
+                    tracing::error!(event, command = %cmd, "handler killed after {HANDLER_TIMEOUT:?}")
+                }
+                Ok(Err(e)) => tracing::error!(event, command = %cmd, error = %e, "handler failed"),
+                Ok(Ok(out)) if !out.status.success() => {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    tracing::error!(event, command = %cmd, status = %out.status, stderr = %err.trim(), "handler failed");
+                }
+                Ok(Ok(_)) => tracing::info!(event, command = %cmd, "handler ran"),
+            }
+        });
+    }
+
+    fn note(&self, detail: String) {
+        *self.detail.lock().unwrap_or_else(|p| p.into_inner()) = detail;
+        self.changed.notify_one();
+    }
+
+    /// Acts on what the replicator reports: handlers, automatic failover, split-brain demotion.
+    async fn repl_events(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ReplEvent>) {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                ReplEvent::PeerLost {
+                    standby_of_primary,
+                    silent,
+                    reason,
+                } => {
+                    self.note(format!("peer lost: {reason}"));
+                    self.run_handler("peer_lost");
+                    if standby_of_primary && self.cfg.failover.auto_promote {
+                        let node = Arc::clone(&self);
+                        tokio::spawn(async move { node.auto_failover(silent).await });
+                    }
+                }
+                ReplEvent::SplitBrain { resolution } => {
+                    self.note(format!("split brain: {resolution}"));
+                    self.run_handler("split_brain");
+                }
+                ReplEvent::DemoteForResolution { done } => {
+                    let res = self.demote(true).await.map(drop);
+                    let _ = done.send(res);
+                }
+                ReplEvent::RecoverySaved { path, records } => {
+                    self.note(format!(
+                        "split brain resolved: {records} overwritten block run(s) saved to {}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Automatic failover: the primary's heartbeat is gone. Once `timeout_ms` has passed since
+    /// it was last heard (the link may have ended earlier, on a closed connection), and if it
+    /// has not come back, this up-to-date standby promotes itself.
+    async fn auto_failover(self: Arc<Self>, silent: Duration) {
+        if let Some(wait) = self.cfg.heartbeat.timeout.checked_sub(silent) {
+            tokio::time::sleep(wait).await;
+        }
+        let back = self
+            .repl
+            .as_ref()
+            .is_some_and(|r| r.connected() || !r.enabled());
+        if back || self.snap().role == Role::Primary || self.disk_state() != DiskStatus::UpToDate {
+            tracing::info!("automatic failover not needed or not allowed (peer back, already primary, or disk not up to date)");
+            return;
+        }
+        tracing::warn!("automatic failover: the primary is gone; promoting this standby");
+        match self.promote(false).await {
+            Ok(m) => {
+                tracing::warn!("automatic failover: {m}");
+                self.note("promoted by automatic failover".into());
+            }
+            Err(e) => tracing::error!("automatic failover refused: {e}"),
+        }
+    }
+
     fn event_line(&self, last: &mut Option<Status>) -> Option<String> {
         let st = self.status();
         let kind = match last {
@@ -453,11 +588,7 @@ impl Node {
         let ev = Event {
             ts_ms: now_ms(),
             kind: kind.into(),
-            detail: if kind == "role" || kind == "start" {
-                detail
-            } else {
-                String::new()
-            },
+            detail,
             status: st.clone(),
         };
         *last = Some(st);
@@ -492,19 +623,30 @@ impl Node {
             },
             Request::Connect { discard_my_data } => match &self.repl {
                 None => Reply::error(self.no_peer_link()),
-                Some(_) if discard_my_data => Reply::error(
-                    "connect --discard-my-data: split-brain resolution is not available in this version of twinbd",
-                ),
+                Some(r) if discard_my_data => {
+                    r.discard_my_data();
+                    r.set_enabled(true);
+                    Reply::message(format!(
+                        "{}: connecting to {}; in a split brain this node gives up its changes (saved to a recovery file first)",
+                        self.me.name, self.peer_name
+                    ))
+                }
                 Some(r) => {
                     r.set_enabled(true);
-                    Reply::message(format!("{}: connecting to {}", self.me.name, self.peer_name))
+                    Reply::message(format!(
+                        "{}: connecting to {}",
+                        self.me.name, self.peer_name
+                    ))
                 }
             },
             Request::Disconnect => match &self.repl {
                 None => Reply::error(self.no_peer_link()),
                 Some(r) => {
                     r.set_enabled(false);
-                    Reply::message(format!("{}: disconnected from {}", self.me.name, self.peer_name))
+                    Reply::message(format!(
+                        "{}: disconnected from {}",
+                        self.me.name, self.peer_name
+                    ))
                 }
             },
             Request::Verify => Reply::error(if self.repl.is_none() {
@@ -642,6 +784,14 @@ pub async fn run(cfg: Config, node_name: &str) -> Result<(), NodeError> {
     let nbd_task = tokio::spawn(nbd::serve(listener, Arc::clone(&node.nbd), stop_rx.clone()));
     let admin_task = tokio::spawn(serve_admin(Arc::clone(&node), admin, stop_rx));
     let events_task = tokio::spawn(Arc::clone(&node).watch_events());
+    if let Some(rx) = node
+        .repl_events
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        tokio::spawn(Arc::clone(&node).repl_events(rx));
+    }
     tracing::info!(
         resource = %node.cfg.resource.name,
         node = %node.me.name,

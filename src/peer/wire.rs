@@ -94,9 +94,14 @@ pub struct PeerState {
     pub history: [u64; 2],
     /// Bytes marked out of sync in the sender's bitmap.
     pub dirty_bytes: u64,
-    /// Set when the sender is a node that was primary and wrote while apart from its peer.
+    /// `STATE_*` bits.
     pub flags: u32,
+    /// When the sender was last promoted (ms since the Unix epoch; 0 = never).
+    pub promoted_at_ms: u64,
 }
+
+/// State flag: the sender's operator asked it to discard its data to resolve a split brain.
+pub const STATE_DISCARD_MY_DATA: u32 = 1 << 0;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Msg {
@@ -279,6 +284,7 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
             put64(&mut f, s.history[0]);
             put64(&mut f, s.history[1]);
             put64(&mut f, s.dirty_bytes);
+            put64(&mut f, s.promoted_at_ms);
         }
         Msg::BitmapChunk { first_word, words } => {
             put64(&mut f, *first_word);
@@ -456,6 +462,7 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
                 bitmap: r.u64()?,
                 history: [r.u64()?, r.u64()?],
                 dirty_bytes: r.u64()?,
+                promoted_at_ms: r.u64()?,
             })
         }
         kind::BITMAP_CHUNK => {
@@ -632,6 +639,7 @@ mod tests {
                 history: [3, 4],
                 dirty_bytes: 4096,
                 flags: 1,
+                promoted_at_ms: 1_700_000_000_000,
             }),
             Msg::BitmapChunk {
                 first_word: 10,

@@ -13,6 +13,7 @@
 
 pub mod conflict;
 pub mod decide;
+pub mod recovery;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,10 +25,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Protocol;
+use crate::config::{AfterSplitBrain, Protocol};
 use crate::meta::{DiskState, MetaStore, Superblock};
 use crate::peer::link::{self, Conn, FrameReader, FrameWriter, LinkParams};
-use crate::peer::wire::{Channel, Msg, PeerState};
+use crate::peer::wire::{Channel, Msg, PeerState, STATE_DISCARD_MY_DATA};
 use crate::status::{Connection, DiskStatus, ResyncStatus, Role};
 use crate::storage::{Backend, Disk, IoBuf, StorageError};
 use conflict::Conflicts;
@@ -47,7 +48,36 @@ pub struct ReplSettings {
     pub interval: Duration,
     pub timeout: Duration,
     pub rate_bytes_per_s: Option<u64>,
+    pub auto_promote: bool,
+    pub after_split_brain: AfterSplitBrain,
+    /// Where split-brain recovery files go (beside the metadata).
+    pub recovery_dir: std::path::PathBuf,
     pub link: LinkParams,
+}
+
+/// What the replicator tells the node.
+#[derive(Debug)]
+pub enum ReplEvent {
+    /// The link to the peer is gone. `standby_of_primary`: this node was an up-to-date
+    /// secondary of a connected primary (the case for automatic failover); `silent` is how
+    /// long nothing had been heard from the peer when the link ended.
+    PeerLost {
+        standby_of_primary: bool,
+        silent: Duration,
+        reason: String,
+    },
+    /// A split brain was detected; `resolution` says what happens to it.
+    SplitBrain { resolution: String },
+    /// This node lost a split-brain resolution while primary: it must become secondary
+    /// (disconnecting its clients) before it can take the winner's data.
+    DemoteForResolution {
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Blocks a resolution overwrote were saved here first.
+    RecoverySaved {
+        path: std::path::PathBuf,
+        records: u64,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,6 +205,8 @@ struct Peer {
     bitmap_received: AtomicBool,
     resync_window: Arc<Semaphore>,
     name: String,
+    /// The peer's node id (from its hello).
+    id: u64,
 }
 
 impl Peer {
@@ -298,6 +330,11 @@ pub struct Replicator {
     replicated: AtomicU64,
     resynced: AtomicU64,
     changed: Arc<Notify>,
+    events: mpsc::UnboundedSender<ReplEvent>,
+    /// Set by `connect --discard-my-data`: this node gives up its data in a split brain.
+    discard_my_data: AtomicBool,
+    /// Open while this node, having lost a split brain, saves what the resync overwrites.
+    recovery: Mutex<Option<recovery::RecoveryWriter>>,
     /// Incoming authenticated connections (acceptor side).
     incoming: tokio::sync::Mutex<mpsc::Receiver<Conn>>,
     incoming_tx: mpsc::Sender<Conn>,
@@ -310,6 +347,7 @@ impl Replicator {
         disk: Arc<Disk>,
         meta: Arc<Mutex<MetaStore>>,
         changed: Arc<Notify>,
+        events: mpsc::UnboundedSender<ReplEvent>,
     ) -> Arc<Replicator> {
         let size = lock(&meta).data_size();
         let primary = Arc::new(AtomicBool::new(false));
@@ -333,6 +371,9 @@ impl Replicator {
             replicated: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
             changed,
+            events,
+            discard_my_data: AtomicBool::new(false),
+            recovery: Mutex::new(None),
             incoming: tokio::sync::Mutex::new(incoming),
             incoming_tx,
         })
@@ -463,7 +504,12 @@ impl Replicator {
             bitmap: sb.generations.bitmap,
             history: sb.generations.history,
             dirty_bytes: m.bitmap().dirty_bytes(),
-            flags: sb.flags.bits(),
+            flags: if self.discard_my_data.load(Ordering::SeqCst) {
+                STATE_DISCARD_MY_DATA
+            } else {
+                0
+            },
+            promoted_at_ms: sb.promoted_at_ms,
         }
     }
 
@@ -495,6 +541,17 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// `connect --discard-my-data`: in the split brain this link will find, this node is the
+    /// one that gives up its changes (they are saved to a recovery file first).
+    pub fn discard_my_data(&self) {
+        self.discard_my_data.store(true, Ordering::SeqCst);
+    }
+
+    /// True while connected to the peer.
+    pub fn connected(&self) -> bool {
+        self.current_peer().is_some()
     }
 
     /// Enables or disables the link (`connect` / `disconnect`).
@@ -531,7 +588,18 @@ impl Replicator {
             return;
         }
         tracing::warn!(peer = %p.name, "peer link lost: {why}");
+        // An operator's `disconnect` is not the primary's death: no failover for it.
+        let standby_of_primary = self.enabled()
+            && !self.primary.load(Ordering::SeqCst)
+            && (*lock(&p.state)).is_some_and(|s| s.primary)
+            && *lock(&p.decision) == Some(Decision::InSync);
+        let silent = p.silent_for();
         let orphans = p.kill();
+        let _ = self.events.send(ReplEvent::PeerLost {
+            standby_of_primary,
+            silent,
+            reason: why.to_string(),
+        });
         {
             let mut cur = lock(&self.peer);
             if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, p)) {
@@ -682,6 +750,7 @@ impl Replicator {
             bitmap_received: AtomicBool::new(false),
             resync_window: Arc::new(Semaphore::new((RESYNC_WINDOW >> 10) as usize)),
             name: self.set.link.peer.clone(),
+            id: data.peer.node_id,
         });
         peer.touch();
         *lock(&self.peer) = Some(Arc::clone(&peer));
@@ -731,12 +800,13 @@ impl Replicator {
         why
     }
 
+    /// Pings every `interval`, and ends the link the moment `timeout` has passed without any
+    /// frame from the peer (the deadline is tracked exactly, not at ping ticks).
     async fn heartbeat(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
         let mut tick = tokio::time::interval(self.set.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nonce = 0u64;
         loop {
-            tick.tick().await;
             let silent = peer.silent_for();
             if silent > self.set.timeout {
                 return Err(format!(
@@ -745,12 +815,18 @@ impl Replicator {
                     self.set.timeout.as_millis()
                 ));
             }
-            nonce += 1;
-            // A ping stuck behind a full socket must not stall the watchdog.
-            let ping = Msg::Ping { nonce };
-            match tokio::time::timeout(self.set.timeout, peer.send_meta(&ping)).await {
-                Ok(r) => r?,
-                Err(_) => return Err("peer is not reading: heartbeat send timed out".into()),
+            let deadline = self.set.timeout - silent + Duration::from_millis(1);
+            tokio::select! {
+                _ = tick.tick() => {
+                    nonce += 1;
+                    // A ping stuck behind a full socket must not stall the watchdog.
+                    let ping = Msg::Ping { nonce };
+                    match tokio::time::timeout(self.set.timeout, peer.send_meta(&ping)).await {
+                        Ok(r) => r?,
+                        Err(_) => return Err("peer is not reading: heartbeat send timed out".into()),
+                    }
+                }
+                _ = tokio::time::sleep(deadline) => {}
             }
         }
     }
@@ -829,13 +905,51 @@ impl Replicator {
             Some(_) => self.local_state(),
         };
         let node_id = lock(&self.meta).superblock().node_id;
-        let d = decide::decide(
-            &Self::side_of(&me, node_id),
-            &Self::side_of(&st, node_id ^ u64::MAX),
-        );
+        let mut d = decide::decide(&Self::side_of(&me, node_id), &Self::side_of(&st, peer.id));
+        if d == Decision::SplitBrain {
+            let loser = self.split_brain_loser(&me, &st, node_id, peer.id);
+            let resolution = match loser {
+                None => format!(
+                    "not resolved (after_split_brain = {}): both nodes keep their data; run `twinbd connect --discard-my-data` on the node whose changes are to be dropped, and `twinbd connect` on the other",
+                    self.set.after_split_brain
+                ),
+                Some(true) => format!(
+                    "this node ({}) discards its changes and resyncs from {}; the blocks it loses are saved to a recovery file first",
+                    self.set.link.me, peer.name
+                ),
+                Some(false) => format!(
+                    "{} discards its changes and resyncs from this node ({})",
+                    peer.name, self.set.link.me
+                ),
+            };
+            tracing::error!(peer = %peer.name, "split brain detected: both nodes changed the data while apart; {resolution}");
+            let _ = self.events.send(ReplEvent::SplitBrain { resolution });
+            match loser {
+                Some(true) => {
+                    // Demoting may wait for NBD clients: not on the meta loop, which must keep
+                    // reading heartbeats meanwhile.
+                    *lock(&peer.decision) = Some(Decision::Target { full: false });
+                    peer.decided.notify_waiters();
+                    self.set_connection(Connection::SyncTarget);
+                    let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                    tokio::spawn(async move {
+                        let res = match me.prepare_to_lose(&p).await {
+                            Ok(()) => me.start_target(&p, false).await,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = res {
+                            me.drop_link(&p, &e);
+                        }
+                    });
+                    return;
+                }
+                Some(false) => d = Decision::Source { full: false },
+                None => {}
+            }
+        }
         *lock(&peer.decision) = Some(d);
         tracing::info!(peer = %peer.name, "sync decision: {d:?}");
-        if matches!(d, Decision::InSync | Decision::Source { .. }) {
+        if d == Decision::InSync {
             peer.replicating.store(true, Ordering::SeqCst);
         }
         peer.decided.notify_waiters();
@@ -847,7 +961,6 @@ impl Replicator {
             }
             Decision::NoData => self.set_connection(Connection::Connected),
             Decision::Source { full } => {
-                peer.replicating.store(true, Ordering::SeqCst);
                 self.set_connection(Connection::SyncSource);
                 let me = Arc::clone(self);
                 let p = Arc::clone(peer);
@@ -865,7 +978,6 @@ impl Replicator {
                 }
             }
             Decision::SplitBrain => {
-                tracing::error!(peer = %peer.name, "split brain detected: both nodes changed the data while apart; staying disconnected until an operator resolves it");
                 self.set_error(Some("split brain detected".into()));
                 self.set_connection(Connection::SplitBrain);
                 self.enabled.send_replace(false);
@@ -883,6 +995,88 @@ impl Replicator {
                 self.drop_link(peer, why);
             }
         }
+    }
+
+    /// Who gives up its changes in a split brain: `Some(true)` this node, `Some(false)` the
+    /// peer, `None` nobody (left to an operator). Both nodes compute it from the same states.
+    fn split_brain_loser(
+        &self,
+        me: &PeerState,
+        peer: &PeerState,
+        my_id: u64,
+        peer_id: u64,
+    ) -> Option<bool> {
+        let mine = me.flags & STATE_DISCARD_MY_DATA != 0;
+        let theirs = peer.flags & STATE_DISCARD_MY_DATA != 0;
+        match (mine, theirs) {
+            (true, false) => return Some(true),
+            (false, true) => return Some(false),
+            (true, true) => return None,
+            (false, false) => {}
+        }
+        let younger = || match me.promoted_at_ms.cmp(&peer.promoted_at_ms) {
+            std::cmp::Ordering::Greater => Some(true),
+            std::cmp::Ordering::Less => Some(false),
+            std::cmp::Ordering::Equal => (my_id != peer_id).then_some(my_id < peer_id),
+        };
+        match self.set.after_split_brain {
+            AfterSplitBrain::Disconnect => None,
+            AfterSplitBrain::DiscardYoungerPrimary => younger(),
+            AfterSplitBrain::DiscardLeastChanges => match me.dirty_bytes.cmp(&peer.dirty_bytes) {
+                std::cmp::Ordering::Less => Some(true),
+                std::cmp::Ordering::Greater => Some(false),
+                std::cmp::Ordering::Equal => younger(),
+            },
+        }
+    }
+
+    /// The losing side of a split brain: stop being primary, and open the recovery file that
+    /// will hold every block the resync overwrites.
+    async fn prepare_to_lose(self: &Arc<Self>, peer: &Arc<Peer>) -> Result<(), String> {
+        if self.primary.load(Ordering::SeqCst) {
+            let (tx, rx) = oneshot::channel();
+            self.events
+                .send(ReplEvent::DemoteForResolution { done: tx })
+                .map_err(|_| "node is shutting down".to_string())?;
+            rx.await
+                .map_err(|_| "node is shutting down".to_string())?
+                .map_err(|e| format!("cannot demote to resolve the split brain: {e}"))?;
+        }
+        let (size, granularity) = {
+            let m = lock(&self.meta);
+            (m.data_size(), m.bitmap().granularity())
+        };
+        let w = recovery::RecoveryWriter::create(
+            &self.set.recovery_dir,
+            &self.set.link.resource,
+            &self.set.link.me,
+            size,
+            granularity,
+        )
+        .map_err(|e| e.to_string())?;
+        tracing::warn!(peer = %peer.name, file = %w.path().display(), "saving every block the resync overwrites");
+        *lock(&self.recovery) = Some(w);
+        Ok(())
+    }
+
+    /// Before a split-brain resync overwrites `[offset, offset+len)`, saves what is there.
+    async fn save_before_overwrite(&self, offset: u64, len: u64) -> Result<(), String> {
+        let ranges = match lock(&self.recovery).as_mut() {
+            Some(w) => w.claim(offset, len),
+            None => return Ok(()),
+        };
+        for (o, l) in ranges {
+            let old = self
+                .disk
+                .read(o, l as usize)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut g = lock(&self.recovery);
+            if let Some(w) = g.as_mut() {
+                w.append(o, &old).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     /// A secondary in sync adopts its primary's generation (a promotion while connected).
@@ -969,6 +1163,7 @@ impl Replicator {
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
+                    me.save_before_overwrite(offset, data.len() as u64).await?;
                     let res = me.disk.write(offset, data, fua).await;
                     drop(t);
                     let errno = match res {
@@ -995,6 +1190,7 @@ impl Replicator {
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
+                    me.save_before_overwrite(offset, len).await?;
                     let res = match zero {
                         Some(may_trim) => me.disk.write_zeroes(offset, len, may_trim).await,
                         None => me.disk.trim(offset, len).await,
@@ -1023,6 +1219,7 @@ impl Replicator {
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
+                    me.save_before_overwrite(offset, len).await?;
                     let res = me.disk.write(offset, data, false).await;
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
@@ -1141,6 +1338,14 @@ impl Replicator {
         .map_err(|e| format!("cannot record the finished resync: {e}"))?;
         lock(&self.view).resync = None;
         *lock(&peer.decision) = Some(Decision::InSync);
+        self.discard_my_data.store(false, Ordering::SeqCst);
+        if let Some(w) = lock(&self.recovery).take() {
+            tracing::warn!(file = %w.path().display(), records = w.records(), "split brain resolved; the overwritten blocks are in the recovery file");
+            let _ = self.events.send(ReplEvent::RecoverySaved {
+                path: w.path().to_path_buf(),
+                records: w.records(),
+            });
+        }
         self.set_connection(Connection::Connected);
         tracing::info!(peer = %peer.name, "resync finished: this node is up to date");
         peer.send_meta(&Msg::State(self.local_state())).await
@@ -1181,6 +1386,9 @@ impl Replicator {
             }
             notified.await;
         }
+        // From here on the target applies our writes; those made while waiting for its bitmap
+        // were marked and are part of this resync.
+        peer.replicating.store(true, Ordering::SeqCst);
         let m = Arc::clone(&self.meta);
         tokio::task::spawn_blocking(move || {
             let mut s = lock(&m);

@@ -23,8 +23,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1198,4 +1199,849 @@ fn tool_cmd(name: &str) -> Command {
 /// Waits for a child to exit on its own for `grace`, then stops it.
 fn terminate_after(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     wait_deadline(child, grace).or_else(|| terminate(child, Duration::from_secs(5)))
+}
+
+// ------------------------------------------------------------------------------------------
+// Background processes
+// ------------------------------------------------------------------------------------------
+
+/// An external command running in the background in its own process group, its output going
+/// to files. Dropping it kills the whole group (cleanup on panic).
+pub struct Background {
+    what: String,
+    child: Option<Child>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Background {
+    /// Starts `cmd`; its stdout and stderr go to `<log_prefix>.out` and `<log_prefix>.err`.
+    pub fn spawn(cmd: &mut Command, log_prefix: &Path) -> Background {
+        let what = describe(cmd);
+        let stdout = log_prefix.with_extension("out");
+        let stderr = log_prefix.with_extension("err");
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).expect("create stdout file"))
+            .stderr(fs::File::create(&stderr).expect("create stderr file"))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        Background {
+            what,
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// True while the command has not exited.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for the command to finish; kills its group and fails the test after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let mut child = self.child.take().expect("background command running");
+        let status = wait_deadline(&mut child, timeout);
+        let timed_out = status.is_none();
+        if timed_out {
+            let _ = signal::killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        }
+        let status = match status {
+            Some(s) => s,
+            None => wait_deadline(&mut child, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{}: still alive after SIGKILL", self.what)),
+        };
+        let out = Output {
+            what: self.what.clone(),
+            status,
+            stdout: fs::read_to_string(&self.stdout).unwrap_or_default(),
+            stderr: fs::read_to_string(&self.stderr).unwrap_or_default(),
+        };
+        assert!(!timed_out, "timed out after {timeout:?}: {out}");
+        out
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                let _ = signal::killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            }
+            let _ = wait_deadline(&mut child, Duration::from_secs(10));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A fault-injecting TCP proxy
+// ------------------------------------------------------------------------------------------
+
+/// Peer-protocol constants the proxy needs to find a replicated write in the byte stream:
+/// the 24-byte frame header (`len` at bytes 16..20 counts the payload), the kind of a write
+/// (`kind` at bytes 4..6) and the fixed fields before a write's data (id, offset, fua).
+const PEER_HEADER_LEN: usize = 24;
+const PEER_KIND_WRITE: u16 = 8;
+const PEER_WRITE_PREFIX: u64 = 17;
+
+/// The one bit the proxy flipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Corruption {
+    /// Device offset of the replicated write whose data was corrupted.
+    pub write_offset: u64,
+    /// Length of that write's data.
+    pub data_len: u64,
+    /// Index of the corrupted byte within the write's data.
+    pub byte_in_data: u64,
+    /// The bit flipped in that byte (the mask XORed into it).
+    pub mask: u8,
+}
+
+#[derive(Default)]
+struct ProxyCtl {
+    stop: AtomicBool,
+    blackhole: AtomicBool,
+    refuse: AtomicBool,
+    /// Corrupt the next write whose data is at least this long (0: disarmed).
+    corrupt_min: AtomicU64,
+    refuse_after_corrupt: AtomicBool,
+    corrupted: Mutex<Vec<Corruption>>,
+    accepted: AtomicU64,
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+/// A TCP proxy between the node that dials (the client side) and the listening node (the
+/// target), with switches for network faults. Every accepted connection is forwarded to the
+/// target, both directions, by plain threads. Dropping the proxy closes everything.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    ctl: Arc<ProxyCtl>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// Listens on 127.0.0.1 (a port of the kernel's choosing) and forwards to `target`.
+    pub fn start(target: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("proxy: local address");
+        listener
+            .set_nonblocking(true)
+            .expect("proxy: non-blocking listener");
+        let ctl = Arc::new(ProxyCtl::default());
+        let c = Arc::clone(&ctl);
+        let accept = thread::Builder::new()
+            .name("proxy-accept".into())
+            .spawn(move || proxy_accept_loop(listener, target, c))
+            .expect("proxy: spawn accept thread");
+        FaultProxy {
+            addr,
+            ctl,
+            accept: Some(accept),
+        }
+    }
+
+    /// Where the dialing node must connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// On: no byte moves in either direction, but every socket stays open (a silent
+    /// partition: the nodes hear nothing, not even a reset). New connections are accepted and
+    /// then starve the same way. Off: forwarding resumes with whatever was held back.
+    pub fn set_blackhole(&self, on: bool) {
+        self.ctl.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// On: connections are closed as soon as they are accepted (the peer is unreachable).
+    pub fn set_refuse(&self, on: bool) {
+        self.ctl.refuse.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes every connection currently forwarded (both sides see the close).
+    pub fn cut(&self) {
+        let conns = std::mem::take(&mut *self.ctl.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        for s in conns {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Arms a one-shot corruption: in the next replicated write going from the dialing node to
+    /// the target whose data is at least `min_data_len` bytes, one bit in the middle of the
+    /// data is flipped (header and checksum are left alone). With `then_refuse`, the proxy
+    /// refuses new connections from that moment on, so the link stays down until
+    /// [`FaultProxy::set_refuse`] turns it back on.
+    pub fn corrupt_next_write(&self, min_data_len: u64, then_refuse: bool) {
+        assert!(
+            min_data_len > 0,
+            "a corruption needs a minimum write length"
+        );
+        self.ctl
+            .refuse_after_corrupt
+            .store(then_refuse, Ordering::SeqCst);
+        self.ctl.corrupt_min.store(min_data_len, Ordering::SeqCst);
+    }
+
+    /// The corruptions done so far.
+    pub fn corruptions(&self) -> Vec<Corruption> {
+        self.ctl
+            .corrupted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.ctl.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn proxy_accept_loop(listener: TcpListener, target: SocketAddr, ctl: Arc<ProxyCtl>) {
+    while !ctl.stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        ctl.accepted.fetch_add(1, Ordering::SeqCst);
+        if ctl.refuse.load(Ordering::SeqCst) {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            continue;
+        }
+        let _ = client.set_nonblocking(false);
+        let server = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        let clones = (
+            client.try_clone(),
+            server.try_clone(),
+            client.try_clone(),
+            server.try_clone(),
+        );
+        let (Ok(c_read), Ok(s_write), Ok(c_keep), Ok(s_keep)) = clones else {
+            continue;
+        };
+        {
+            let mut conns = ctl.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.push(c_keep);
+            conns.push(s_keep);
+        }
+        let (c1, c2) = (Arc::clone(&ctl), Arc::clone(&ctl));
+        let _ = thread::Builder::new()
+            .name("proxy-fwd".into())
+            .spawn(move || proxy_pump(c_read, s_write, c1, true));
+        let _ = thread::Builder::new()
+            .name("proxy-back".into())
+            .spawn(move || proxy_pump(server, client, c2, false));
+    }
+}
+
+/// Moves bytes from `src` to `dst` until either side closes, the proxy stops or the
+/// connection is cut. While blackholed, neither reads nor writes (bytes held back stay held).
+fn proxy_pump(mut src: TcpStream, mut dst: TcpStream, ctl: Arc<ProxyCtl>, forward: bool) {
+    let tick = Duration::from_millis(10);
+    let _ = src.set_read_timeout(Some(tick));
+    let _ = dst.set_write_timeout(Some(tick));
+    let mut frames = FrameTracker::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut start, mut end) = (0usize, 0usize);
+    let close = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    };
+    loop {
+        if ctl.stop.load(Ordering::SeqCst) {
+            close(&src, &dst);
+            return;
+        }
+        if ctl.blackhole.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        if start < end {
+            match dst.write(&buf[start..end]) {
+                Ok(0) => {
+                    close(&src, &dst);
+                    return;
+                }
+                Ok(n) => start += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => {
+                    close(&src, &dst);
+                    return;
+                }
+            }
+            continue;
+        }
+        match src.read(&mut buf) {
+            Ok(0) => {
+                close(&src, &dst);
+                return;
+            }
+            Ok(n) => {
+                if forward {
+                    frames.process(&mut buf[..n], &ctl);
+                }
+                start = 0;
+                end = n;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => {
+                close(&src, &dst);
+                return;
+            }
+        }
+    }
+}
+
+/// Follows the frames of one direction of a peer connection, to corrupt a write's data.
+#[derive(Default)]
+struct FrameTracker {
+    head: [u8; PEER_HEADER_LEN],
+    head_fill: usize,
+    /// Payload bytes of the current frame not seen yet (0: between frames).
+    remaining: u64,
+    /// Payload bytes of the current frame seen so far.
+    pos: u64,
+    payload_len: u64,
+    /// The fixed fields of the current write (to learn its offset).
+    prefix: Vec<u8>,
+    /// Index in the current payload of the byte to corrupt.
+    target: Option<u64>,
+}
+
+impl FrameTracker {
+    fn process(&mut self, buf: &mut [u8], ctl: &ProxyCtl) {
+        let mut i = 0;
+        while i < buf.len() {
+            if self.remaining == 0 {
+                let take = (PEER_HEADER_LEN - self.head_fill).min(buf.len() - i);
+                self.head[self.head_fill..self.head_fill + take].copy_from_slice(&buf[i..i + take]);
+                self.head_fill += take;
+                i += take;
+                if self.head_fill < PEER_HEADER_LEN {
+                    continue;
+                }
+                self.head_fill = 0;
+                let kind = u16::from_be_bytes([self.head[4], self.head[5]]);
+                let len = u32::from_be_bytes(self.head[16..20].try_into().expect("4 bytes"));
+                self.remaining = u64::from(len);
+                self.payload_len = u64::from(len);
+                self.pos = 0;
+                self.prefix.clear();
+                self.target = None;
+                let min = ctl.corrupt_min.load(Ordering::SeqCst);
+                if kind == PEER_KIND_WRITE
+                    && min > 0
+                    && self.payload_len >= PEER_WRITE_PREFIX + min
+                    && ctl
+                        .corrupt_min
+                        .compare_exchange(min, 0, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    let data_len = self.payload_len - PEER_WRITE_PREFIX;
+                    self.target = Some(PEER_WRITE_PREFIX + data_len / 2);
+                }
+                continue;
+            }
+            let take = self.remaining.min((buf.len() - i) as u64) as usize;
+            if self.pos < PEER_WRITE_PREFIX {
+                let want = (PEER_WRITE_PREFIX - self.pos).min(take as u64) as usize;
+                self.prefix.extend_from_slice(&buf[i..i + want]);
+            }
+            if let Some(t) = self.target {
+                if t >= self.pos && t < self.pos + take as u64 {
+                    let mask = 1u8 << 3;
+                    buf[i + (t - self.pos) as usize] ^= mask;
+                    self.target = None;
+                    let write_offset =
+                        u64::from_be_bytes(self.prefix[8..16].try_into().expect("8 bytes"));
+                    ctl.corrupted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Corruption {
+                            write_offset,
+                            data_len: self.payload_len - PEER_WRITE_PREFIX,
+                            byte_in_data: t - PEER_WRITE_PREFIX,
+                            mask,
+                        });
+                    if ctl.refuse_after_corrupt.load(Ordering::SeqCst) {
+                        ctl.refuse.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            self.pos += take as u64;
+            self.remaining -= take as u64;
+            i += take;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// A replicated pair: nodes "alpha" and "beta"
+// ------------------------------------------------------------------------------------------
+
+/// Compares two files of equal length, a MiB at a time, reporting the first difference.
+pub fn assert_same_files(what: &str, a: &Path, b: &Path) {
+    let la = fs::metadata(a)
+        .unwrap_or_else(|e| panic!("{}: {e}", a.display()))
+        .len();
+    let lb = fs::metadata(b)
+        .unwrap_or_else(|e| panic!("{}: {e}", b.display()))
+        .len();
+    assert_eq!(
+        la,
+        lb,
+        "{what}: {} and {} differ in length",
+        a.display(),
+        b.display()
+    );
+    let mut off = 0;
+    while off < la {
+        let n = (la - off).min(MIB) as usize;
+        assert_same_bytes(
+            &format!("{what} (MiB at offset {off})"),
+            &read_at(b, off, n),
+            &read_at(a, off, n),
+        );
+        off += n as u64;
+    }
+}
+
+/// How a pair is set up.
+#[derive(Debug, Clone)]
+pub struct PairOpts {
+    /// Size of alpha's disk file (and beta's, unless `beta_disk_size` says otherwise).
+    pub disk_size: u64,
+    pub beta_disk_size: Option<u64>,
+    /// `resource.protocol`; the default ("C") when `None`.
+    pub protocol: Option<&'static str>,
+    /// `heartbeat.interval_ms` and `timeout_ms`; the defaults when `None`.
+    pub heartbeat_ms: Option<(u64, u64)>,
+    /// A secret for beta's resource file that differs from alpha's.
+    pub beta_secret: Option<String>,
+    /// Alpha reaches beta through a [`FaultProxy`]: alpha's resource file names the proxy as
+    /// beta's replication address, beta's file the real one.
+    pub proxy: bool,
+}
+
+impl Default for PairOpts {
+    fn default() -> Self {
+        PairOpts {
+            disk_size: 32 * MIB,
+            beta_disk_size: None,
+            protocol: None,
+            heartbeat_ms: None,
+            beta_secret: None,
+            proxy: false,
+        }
+    }
+}
+
+/// The secret both nodes share unless a test says otherwise.
+pub const PAIR_SECRET: &str = "integration-test-secret";
+
+/// One node of a [`Pair`]. Dropping it stops its daemon and, when the test is failing,
+/// prints the daemon's logs.
+pub struct PairNode {
+    pub name: &'static str,
+    pub config: PathBuf,
+    pub disk: PathBuf,
+    pub meta: PathBuf,
+    pub admin: PathBuf,
+    pub nbd: SocketAddr,
+    /// Where this node listens for its peer.
+    pub replication: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+    logs: Vec<PathBuf>,
+}
+
+impl PairNode {
+    fn new(root: &Path, name: &'static str, disk_size: u64) -> PairNode {
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).expect("create node directory");
+        let disk = dir.join("disk.img");
+        fs::File::create(&disk)
+            .and_then(|f| f.set_len(disk_size))
+            .expect("create disk file");
+        PairNode {
+            name,
+            config: dir.join("r0.toml"),
+            meta: dir.join("disk.meta"),
+            admin: dir.join("admin.sock"),
+            nbd: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            replication: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            disk,
+            dir,
+            child: None,
+            logs: Vec::new(),
+        }
+    }
+
+    fn node_section(&self, replication: SocketAddr) -> String {
+        format!(
+            "[[node]]\n\
+             name = \"{}\"\n\
+             disk = \"{}\"\n\
+             meta = \"{}\"\n\
+             replication = \"{replication}\"\n\
+             nbd = \"{}\"\n\
+             admin = \"{}\"\n",
+            self.name,
+            self.disk.display(),
+            self.meta.display(),
+            self.nbd,
+            self.admin.display(),
+        )
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// `twinbd <args...> -c CONFIG -n NAME`, under a deadline.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(TWINBD);
+        cmd.args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-n", self.name])
+            .env("NO_COLOR", "1");
+        run(&mut cmd, CMD_TIMEOUT)
+    }
+
+    pub fn create_md(&self) {
+        self.cli(&["create-md"]).ok();
+    }
+
+    /// Starts the daemon and waits until its control socket answers.
+    pub fn start(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "{}: daemon already running",
+            self.name
+        );
+        let log = self.path(&format!("daemon-{}.log", self.logs.len() + 1));
+        let file = fs::File::create(&log).expect("create daemon log");
+        let mut cmd = Command::new(TWINBD);
+        cmd.args(["run", "-c"])
+            .arg(&self.config)
+            .args(["-n", self.name])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup log"))
+            .stderr(file);
+        self.logs.push(log);
+        self.child = Some(cmd.spawn().expect("spawn twinbd run"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.assert_alive("during start-up");
+            if std::os::unix::net::UnixStream::connect(&self.admin).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: control socket not answering after 20s:\n{}",
+                self.name,
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Asserts the daemon is still running (no crash).
+    pub fn assert_alive(&mut self, when: &str) {
+        let name = self.name;
+        let Some(c) = self.child.as_mut() else {
+            panic!("{name}: daemon not running {when}");
+        };
+        if let Ok(Some(st)) = c.try_wait() {
+            self.child = None;
+            panic!("{name}: daemon died {when}: {st}\n{}", self.log());
+        }
+    }
+
+    /// Clean shutdown by SIGTERM; fails the test unless the daemon exits successfully within
+    /// `timeout`.
+    pub fn stop(&mut self, timeout: Duration) {
+        let mut child = self.child.take().expect("daemon running");
+        signal_child(&child, Signal::SIGTERM);
+        match wait_deadline(&mut child, timeout) {
+            Some(st) => assert!(
+                st.success(),
+                "{}: daemon exited with {st} after SIGTERM:\n{}",
+                self.name,
+                self.log()
+            ),
+            None => {
+                terminate(&mut child, Duration::from_secs(1));
+                panic!(
+                    "{}: daemon did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        signal_child(&child, Signal::SIGKILL);
+        assert!(
+            wait_deadline(&mut child, Duration::from_secs(10)).is_some(),
+            "{}: daemon survived SIGKILL",
+            self.name
+        );
+    }
+
+    /// All of this node's daemon logs so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        for (i, p) in self.logs.iter().enumerate() {
+            s.push_str(&format!(
+                "----- {} daemon log {} ({}) -----\n",
+                self.name,
+                i + 1,
+                p.display()
+            ));
+            s.push_str(&fs::read_to_string(p).unwrap_or_else(|e| format!("<unreadable: {e}>\n")));
+        }
+        s
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]).ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{}: status --json is not JSON ({e}): {out}", self.name))
+    }
+
+    /// `promote [--force]`; the caller checks the outcome.
+    pub fn promote(&self, force: bool) -> Output {
+        let args: &[&str] = if force {
+            &["promote", "--force"]
+        } else {
+            &["promote"]
+        };
+        self.cli(args)
+    }
+
+    /// Polls `status --json` every 20 ms until `cond` holds; fails after `timeout`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if cond(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: status never showed {what} within {timeout:?}; last: {st:#}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The export's URI as libnbd, qemu and fio write it.
+    pub fn uri(&self) -> String {
+        format!("nbd://{}/{RESOURCE}", self.nbd)
+    }
+}
+
+impl Drop for PairNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if terminate(&mut child, Duration::from_secs(10)).is_none() {
+                announce(&format!(
+                    "twinbd pid {} ({}) survived SIGKILL in test cleanup",
+                    child.id(),
+                    self.name
+                ));
+            }
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.log());
+        }
+    }
+}
+
+/// Two nodes of resource r0 on loopback, each with its own disk, metadata, resource file and
+/// ports, optionally with a [`FaultProxy`] on the link. Dropping the pair stops both daemons,
+/// then the proxy, then removes the files.
+pub struct Pair {
+    pub alpha: PairNode,
+    pub beta: PairNode,
+    pub proxy: Option<FaultProxy>,
+    pub opts: PairOpts,
+    dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Creates the files (disks, resource files); no metadata, no daemons yet.
+    pub fn new(opts: PairOpts) -> Pair {
+        let dir = tempfile::Builder::new()
+            .prefix("twinbd-pair.")
+            .tempdir()
+            .expect("temporary directory");
+        let alpha = PairNode::new(dir.path(), "alpha", opts.disk_size);
+        let beta = PairNode::new(
+            dir.path(),
+            "beta",
+            opts.beta_disk_size.unwrap_or(opts.disk_size),
+        );
+        let proxy = opts.proxy.then(|| FaultProxy::start(beta.replication));
+        let pair = Pair {
+            alpha,
+            beta,
+            proxy,
+            opts,
+            dir,
+        };
+        pair.write_configs();
+        pair
+    }
+
+    /// Both nodes with metadata created, both daemons running, alpha promoted (forced: fresh
+    /// metadata is never up to date) and the initial full sync to beta finished.
+    pub fn up(opts: PairOpts) -> Pair {
+        let mut pair = Pair::new(opts);
+        pair.alpha.create_md();
+        pair.beta.create_md();
+        pair.alpha.start();
+        pair.beta.start();
+        pair.alpha.promote(true).ok();
+        pair.wait_in_sync("the initial full sync", Duration::from_secs(60));
+        pair
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn proxy(&self) -> &FaultProxy {
+        self.proxy.as_ref().expect("this pair has no proxy")
+    }
+
+    fn config_text(&self, secret: &str, beta_replication: SocketAddr) -> String {
+        let mut s = format!("[resource]\nname = \"{RESOURCE}\"\nsecret = \"{secret}\"\n");
+        if let Some(p) = self.opts.protocol {
+            s.push_str(&format!("protocol = \"{p}\"\n"));
+        }
+        if let Some((interval, timeout)) = self.opts.heartbeat_ms {
+            s.push_str(&format!(
+                "\n[heartbeat]\ninterval_ms = {interval}\ntimeout_ms = {timeout}\n"
+            ));
+        }
+        s.push('\n');
+        s.push_str(&self.alpha.node_section(self.alpha.replication));
+        s.push('\n');
+        s.push_str(&self.beta.node_section(beta_replication));
+        s
+    }
+
+    /// Writes both resource files from `opts`: identical, except that alpha's names the
+    /// proxy as beta's address (if there is one) and beta's may carry another secret.
+    pub fn write_configs(&self) {
+        let via = self
+            .proxy
+            .as_ref()
+            .map_or(self.beta.replication, |p| p.addr());
+        let beta_secret = self.opts.beta_secret.as_deref().unwrap_or(PAIR_SECRET);
+        for (node, text) in [
+            (&self.alpha, self.config_text(PAIR_SECRET, via)),
+            (
+                &self.beta,
+                self.config_text(beta_secret, self.beta.replication),
+            ),
+        ] {
+            fs::write(&node.config, text).expect("write resource file");
+            fs::set_permissions(&node.config, fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+        }
+    }
+
+    /// Both nodes connected with nothing out of sync, no resync running, both disks up to
+    /// date and each seeing its peer's disk up to date. Returns (alpha's, beta's) status.
+    pub fn wait_in_sync(&self, what: &str, timeout: Duration) -> (Value, Value) {
+        let deadline = Instant::now() + timeout;
+        let settled = |st: &Value| {
+            st["connection"] == "connected"
+                && st["out_of_sync_bytes"] == 0
+                && st["resync"].is_null()
+                && st["disk"] == "up_to_date"
+                && st["peer"]["disk"] == "up_to_date"
+        };
+        loop {
+            let (a, b) = (self.alpha.status(), self.beta.status());
+            if settled(&a) && settled(&b) {
+                return (a, b);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the pair did not settle in sync within {timeout:?}\nalpha: {a:#}\nbeta: {b:#}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The two backing disk files are byte for byte identical.
+    pub fn assert_disks_identical(&self, what: &str) {
+        assert_same_files(
+            &format!("{what}: beta's disk against alpha's"),
+            &self.alpha.disk,
+            &self.beta.disk,
+        );
+    }
 }

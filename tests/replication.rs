@@ -1,0 +1,977 @@
+//! Replication tests: two real `twinbd` daemons ("alpha" and "beta") on loopback, driven
+//! through the CLI, written to through NBD by real clients (qemu-io, nbdcopy, fio), with
+//! faults injected by killing daemons, by a wrong secret or a too small disk, and by a proxy
+//! on the peer link that can go silent or flip a bit.
+//!
+//! The checks are on what an operator can see: `status --json` on both nodes, the daemons'
+//! logs, and the backing disk files, which must end up byte for byte identical.
+//!
+//! Every test runs its own pair in its own temporary directory with its own ports, so tests
+//! run in parallel; the heartbeat test measures timing and therefore runs alone. Every wait
+//! has a deadline, and dropping a pair stops its daemons even when a test panics. A missing
+//! tool skips a test with a `SKIPPED:` line, except under `CI=true`, where it fails.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::*;
+
+// ------------------------------------------------------------------------------------------
+// Shared helpers
+// ------------------------------------------------------------------------------------------
+
+/// Tests that measure timing take this exclusively; all others share it.
+static TIMING: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    TIMING.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    TIMING.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bitmap granularity of metadata made by `create-md` (bytes per bit).
+const GRANULARITY: u64 = 4096;
+
+/// A `u64` field of a status, by path (`"stats.resynced_bytes_total"`).
+fn num(st: &Value, path: &str) -> u64 {
+    let mut v = st;
+    for k in path.split('.') {
+        v = &v[k];
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("status field {path} missing or not a number: {st:#}"))
+}
+
+/// True while a node's link is up (connected or resyncing).
+fn linked(st: &Value) -> bool {
+    matches!(
+        st["connection"].as_str(),
+        Some("connected" | "sync_source" | "sync_target")
+    )
+}
+
+/// `qemu-io -f raw URI -c CMD...`; fails the test unless every command succeeded and every
+/// pattern verified (qemu-io's exit status and its messages are both checked).
+fn qemu_io(uri: &str, cmds: &[String]) -> Output {
+    let mut cmd = tool("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = run(&mut cmd, CMD_TIMEOUT);
+    let all = out.all();
+    assert!(
+        !all.contains("Pattern verification failed"),
+        "qemu-io found wrong data: {out}"
+    );
+    assert!(
+        !all.contains("failed") && !all.contains("error"),
+        "a qemu-io command failed: {out}"
+    );
+    out.ok()
+}
+
+/// One pattern write: `len` bytes of `pattern` at `offset`.
+#[derive(Debug, Clone, Copy)]
+struct PatternWrite {
+    offset: u64,
+    len: u64,
+    pattern: u8,
+}
+
+impl PatternWrite {
+    fn write_cmd(&self) -> String {
+        format!(
+            "write -P {:#04x} {} {}",
+            self.pattern, self.offset, self.len
+        )
+    }
+
+    fn read_cmd(&self) -> String {
+        format!("read -P {:#04x} {} {}", self.pattern, self.offset, self.len)
+    }
+}
+
+/// Writes `writes` in order through the export, then flushes.
+fn write_patterns(uri: &str, writes: &[PatternWrite]) {
+    let mut cmds: Vec<String> = writes.iter().map(PatternWrite::write_cmd).collect();
+    cmds.push("flush".into());
+    qemu_io(uri, &cmds);
+}
+
+/// `count` writes of `len` bytes spread over a device of `size` bytes, one per equal slot,
+/// at 4 KiB aligned offsets that move within their slots, with distinct patterns.
+fn scattered(count: u64, len: u64, size: u64, first_pattern: u8) -> Vec<PatternWrite> {
+    let slot = size / count;
+    assert!(slot >= len + 16 * 4096, "slots too small for the writes");
+    (0..count)
+        .map(|i| PatternWrite {
+            offset: i * slot + (i * 37 % 16) * 4096,
+            len,
+            pattern: first_pattern.wrapping_add(i as u8),
+        })
+        .collect()
+}
+
+/// Asserts a disk file holds each write's pattern (later writes win where they overlap:
+/// only the bytes no later write covers are checked).
+fn assert_disk_has(what: &str, disk: &std::path::Path, writes: &[PatternWrite]) {
+    for (i, w) in writes.iter().enumerate() {
+        let got = read_at(disk, w.offset, w.len as usize);
+        for (j, b) in got.iter().enumerate() {
+            let at = w.offset + j as u64;
+            let overwritten = writes[i + 1..]
+                .iter()
+                .any(|l| l.offset <= at && at < l.offset + l.len);
+            if !overwritten && *b != w.pattern {
+                panic!(
+                    "{what}: {} holds {b:#04x} at byte {at}, expected {:#04x} from {w:?}",
+                    disk.display(),
+                    w.pattern
+                );
+            }
+        }
+    }
+}
+
+/// Polls both nodes every 50 ms for `period`: the link must never come up.
+fn assert_never_linked(pair: &Pair, period: Duration, why: &str) -> (Value, Value) {
+    let end = Instant::now() + period;
+    loop {
+        let (a, b) = (pair.alpha.status(), pair.beta.status());
+        assert!(
+            !linked(&a) && !linked(&b),
+            "{why}: the link came up\nalpha: {a:#}\nbeta: {b:#}"
+        );
+        if Instant::now() >= end {
+            return (a, b);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `node`'s logs contain a line with every one of `words` (case-insensitive);
+/// returns that line.
+fn wait_log_line(node: &PairNode, words: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = node.log();
+        if let Some(l) = log.lines().find(|l| {
+            let l = l.to_lowercase();
+            words.iter().all(|w| l.contains(&w.to_lowercase()))
+        }) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s log has no line mentioning all of {words:?} within {timeout:?}:\n{log}",
+            node.name
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `node`'s status every 20 ms from `t0` on until its connection is no longer
+/// "connected"; returns how long after `t0` that was first seen.
+fn time_until_link_lost(node: &PairNode, t0: Instant, limit: Duration) -> Duration {
+    loop {
+        let st = node.status();
+        let seen = t0.elapsed();
+        if st["connection"] != "connected" {
+            return seen;
+        }
+        assert!(
+            seen < limit,
+            "{}: still connected {seen:?} after the network went silent: {st:#}",
+            node.name
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Blackholes the proxy and measures, on both nodes at once, how long each takes to notice.
+fn blackhole_and_measure(pair: &Pair) -> (Duration, Duration) {
+    let limit = Duration::from_secs(10);
+    let proxy = pair.proxy();
+    let (alpha, beta) = (&pair.alpha, &pair.beta);
+    thread::scope(|s| {
+        let t0 = Instant::now();
+        proxy.set_blackhole(true);
+        let a = s.spawn(move || time_until_link_lost(alpha, t0, limit));
+        let b = s.spawn(move || time_until_link_lost(beta, t0, limit));
+        (
+            a.join().expect("alpha's poller"),
+            b.join().expect("beta's poller"),
+        )
+    })
+}
+
+/// Writes a file of `len` deterministic random bytes.
+fn random_file(path: &std::path::Path, len: u64, seed: u64) {
+    let mut f = fs::File::create(path).expect("create image");
+    let mut rng = SplitMix::new(seed);
+    let mut chunk = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        rng.fill(&mut chunk[..n]);
+        f.write_all(&chunk[..n]).expect("write image");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Runs fio against `uri` with `args`; returns its JSON report's first job.
+fn fio(dir: &std::path::Path, name: &str, uri: &str, args: &[&str]) -> Value {
+    let json = dir.join(format!("{name}.json"));
+    let mut cmd = tool("fio");
+    cmd.current_dir(dir)
+        .arg(format!("--name={name}"))
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .args([
+            "--output-format=json",
+            "--randrepeat=1",
+            "--randseed=424242",
+        ])
+        .arg(format!("--output={}", json.display()))
+        .args(args);
+    let out = run(&mut cmd, Duration::from_secs(120));
+    let report = fs::read_to_string(&json).unwrap_or_default();
+    assert!(out.success(), "fio {name} failed: {out}\nreport:\n{report}");
+    assert!(
+        !out.all().to_lowercase().contains("verify"),
+        "fio {name} reported verification problems: {out}"
+    );
+    let v: Value = serde_json::from_str(&report)
+        .unwrap_or_else(|e| panic!("fio {name} JSON report ({e}): {report}"));
+    let job = v["jobs"][0].clone();
+    assert_eq!(job["error"], 0, "fio {name}: {job:#}");
+    job
+}
+
+/// The status checks every settled pair must pass: alpha primary, beta secondary, and each
+/// sees the other's role.
+fn assert_roles(a: &Value, b: &Value) {
+    assert_eq!(a["role"], "primary", "alpha: {a:#}");
+    assert_eq!(a["peer"]["name"], "beta", "alpha: {a:#}");
+    assert_eq!(a["peer"]["role"], "secondary", "alpha: {a:#}");
+    assert_eq!(b["role"], "secondary", "beta: {b:#}");
+    assert_eq!(b["peer"]["name"], "alpha", "beta: {b:#}");
+    assert_eq!(b["peer"]["role"], "primary", "beta: {b:#}");
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. Replicated writes from real clients
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn replicated_writes_land_on_both_disks() {
+    if !require_all(&["qemu-io", "nbdcopy", "fio"]) {
+        return;
+    }
+    let _g = shared();
+    let size = 64 * MIB;
+    let mut pair = Pair::up(PairOpts {
+        disk_size: size,
+        ..PairOpts::default()
+    });
+    let (a, b) = pair.wait_in_sync("before the writes", Duration::from_secs(5));
+    assert_roles(&a, &b);
+    assert_eq!(num(&a, "size_bytes"), size, "{a:#}");
+    assert_eq!(num(&b, "size_bytes"), size, "{b:#}");
+    let writes_before = num(&a, "stats.replicated_writes_total");
+    let uri = pair.alpha.uri();
+
+    // What the device must hold afterwards, except the fio region (fio's data is its own).
+    let mut model = vec![0u8; size as usize];
+    let fio_region = (32 * MIB, 48 * MIB);
+
+    // (a) nbdcopy: 32 MiB of random data over the start of the device.
+    let image = pair.path("image.raw");
+    random_file(&image, 32 * MIB, 0x7265_706c_0001);
+    run(
+        tool("nbdcopy").arg("--flush").arg(&image).arg(&uri),
+        CMD_TIMEOUT,
+    )
+    .ok();
+    model[..32 * MIB as usize].copy_from_slice(&fs::read(&image).expect("read image"));
+
+    // (b) fio: 4 KiB random writes over [32 MiB, 48 MiB), each verified by reading it back.
+    let job = fio(
+        pair.alpha.path("").as_path(),
+        "randwrite",
+        &uri,
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--offset={}", fio_region.0),
+            &format!("--size={}", fio_region.1 - fio_region.0),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ],
+    );
+    let fio_writes = job["write"]["total_ios"].as_u64().expect("fio total_ios");
+    assert_eq!(
+        job["write"]["io_bytes"].as_u64(),
+        Some(fio_region.1 - fio_region.0),
+        "fio should cover its whole region: {job:#}"
+    );
+
+    // (c) qemu-io: pattern writes at many offsets, aligned and not, overlapping, the last
+    // block and the last bytes of the device included.
+    let mut writes = vec![
+        PatternWrite {
+            offset: 0,
+            len: 4096,
+            pattern: 0x11,
+        },
+        PatternWrite {
+            offset: 7 * 4096 + 512,
+            len: 65536,
+            pattern: 0x22,
+        },
+        PatternWrite {
+            offset: MIB + 1,
+            len: 3000,
+            pattern: 0x33,
+        },
+        PatternWrite {
+            offset: 5 * MIB,
+            len: MIB,
+            pattern: 0x44,
+        },
+        PatternWrite {
+            offset: 5 * MIB + 4096,
+            len: 8192,
+            pattern: 0x45,
+        },
+        PatternWrite {
+            offset: 31 * MIB,
+            len: MIB,
+            pattern: 0x55,
+        },
+        PatternWrite {
+            offset: 48 * MIB,
+            len: 256 * 1024,
+            pattern: 0x66,
+        },
+        PatternWrite {
+            offset: 50 * MIB + 123,
+            len: 77777,
+            pattern: 0x67,
+        },
+        PatternWrite {
+            offset: size - 4 * MIB,
+            len: 2 * MIB,
+            pattern: 0x68,
+        },
+        PatternWrite {
+            offset: size - 4096,
+            len: 4096,
+            pattern: 0x77,
+        },
+        PatternWrite {
+            offset: size - 512,
+            len: 512,
+            pattern: 0x78,
+        },
+    ];
+    for i in 0..24u64 {
+        let offset = (i * 2_654_435 + 4096) % (size - 65536) / 512 * 512;
+        let len = 512 * (1 + i % 16);
+        if offset + len > fio_region.0 && offset < fio_region.1 {
+            continue;
+        }
+        writes.push(PatternWrite {
+            offset,
+            len,
+            pattern: 0x80 + i as u8,
+        });
+    }
+    write_patterns(&uri, &writes);
+    for w in &writes {
+        model[w.offset as usize..(w.offset + w.len) as usize].fill(w.pattern);
+    }
+    // The last pattern of every byte reads back through the export.
+    let reads: Vec<String> = writes
+        .iter()
+        .enumerate()
+        .filter(|(i, w)| {
+            !writes[i + 1..]
+                .iter()
+                .any(|l| l.offset < w.offset + w.len && w.offset < l.offset + l.len)
+        })
+        .map(|(_, w)| w.read_cmd())
+        .collect();
+    qemu_io(&uri, &reads);
+
+    let (a, b) = pair.wait_in_sync("after the writes", Duration::from_secs(30));
+    assert_roles(&a, &b);
+    let replicated = num(&a, "stats.replicated_writes_total") - writes_before;
+    let minimum = writes.len() as u64 + fio_writes;
+    assert!(
+        replicated >= minimum,
+        "alpha counted {replicated} replicated writes; qemu-io and fio alone made {minimum}: {a:#}"
+    );
+
+    // Both disks hold the same bytes, and they are what the clients wrote.
+    pair.alpha.assert_alive("after the writes");
+    pair.beta.assert_alive("after the writes");
+    pair.assert_disks_identical("after nbdcopy, fio and qemu-io");
+    let beta_disk = fs::read(&pair.beta.disk).expect("read beta's disk");
+    let outside_fio = |v: &[u8]| -> Vec<u8> {
+        let mut v = v.to_vec();
+        v.drain(fio_region.0 as usize..fio_region.1 as usize);
+        v
+    };
+    assert_same_bytes(
+        "beta's disk outside the fio region, against what the clients wrote",
+        &outside_fio(&beta_disk),
+        &outside_fio(&model),
+    );
+    // Reading through the export gives the same bytes as well.
+    let download = pair.path("download.raw");
+    run(tool("nbdcopy").arg(&uri).arg(&download), CMD_TIMEOUT).ok();
+    assert_same_files(
+        "the export's content against beta's disk",
+        &pair.beta.disk,
+        &download,
+    );
+    eprintln!(
+        "replicated writes: {replicated} (qemu-io {}, fio {fio_writes})",
+        writes.len()
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. A returning secondary gets only what changed
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn bitmap_resync_copies_only_changes() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    let size = 32 * MIB;
+    let mut pair = Pair::up(PairOpts {
+        disk_size: size,
+        ..PairOpts::default()
+    });
+    let (a, _) = pair.wait_in_sync("after the initial sync", Duration::from_secs(5));
+    let resynced_before = num(&a, "stats.resynced_bytes_total");
+    assert!(
+        resynced_before >= size,
+        "the initial full sync copied only {resynced_before} of {size} bytes: {a:#}"
+    );
+
+    // Beta dies without a word; alpha notices and writes on alone.
+    pair.beta.kill();
+    pair.alpha.wait_status(
+        "connection connecting after beta died",
+        Duration::from_secs(10),
+        |s| s["connection"] == "connecting",
+    );
+    let writes = scattered(32, 256 * 1024, size, 0x40);
+    let n: u64 = writes.iter().map(|w| w.len).sum();
+    assert_eq!(n, 8 * MIB);
+    write_patterns(&pair.alpha.uri(), &writes);
+    let a = pair.alpha.status();
+    let oos = num(&a, "out_of_sync_bytes");
+    let slack = writes.len() as u64 * GRANULARITY;
+    assert!(
+        (n..=n + slack).contains(&oos),
+        "alpha should have {n} bytes out of sync (up to {slack} more for granularity), has {oos}: {a:#}"
+    );
+
+    // Beta returns: only the changed blocks travel.
+    pair.beta.start();
+    let (a, b) = pair.wait_in_sync("after beta returned", Duration::from_secs(30));
+    assert_roles(&a, &b);
+    let copied = num(&a, "stats.resynced_bytes_total") - resynced_before;
+    eprintln!(
+        "bitmap resync: wrote {n} bytes while apart, {oos} out of sync, resync copied {copied}"
+    );
+    assert!(
+        (n..=n + slack).contains(&copied),
+        "the resync after beta's return copied {copied} bytes; {n} changed (at most {slack} more \
+         for granularity), the device is {size}: {a:#}"
+    );
+    let beta_copied = num(&b, "stats.resynced_bytes_total");
+    assert!(
+        (n..=n + slack).contains(&beta_copied),
+        "beta received {beta_copied} resync bytes, {n} changed: {b:#}"
+    );
+    pair.assert_disks_identical("after the bitmap resync");
+    assert_disk_has("beta after the bitmap resync", &pair.beta.disk, &writes);
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. The primary restarts (crash, then clean) while the secondary is away
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn primary_restart_while_secondary_away() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    let size = 32 * MIB;
+    let mut pair = Pair::up(PairOpts {
+        disk_size: size,
+        ..PairOpts::default()
+    });
+    pair.beta.stop(Duration::from_secs(20));
+    pair.alpha.wait_status(
+        "connection connecting after beta stopped",
+        Duration::from_secs(10),
+        |s| s["connection"] == "connecting",
+    );
+    let writes = scattered(32, 256 * 1024, size, 0x90);
+    let n: u64 = writes.iter().map(|w| w.len).sum();
+    let slack = writes.len() as u64 * GRANULARITY;
+    let (first, second) = writes.split_at(16);
+    let n1: u64 = first.iter().map(|w| w.len).sum();
+
+    // First half, then alpha crashes: every acknowledged write must be in its bitmap.
+    write_patterns(&pair.alpha.uri(), first);
+    pair.alpha.kill();
+    pair.alpha.start();
+    let a = pair.alpha.status();
+    assert_eq!(
+        a["role"], "secondary",
+        "a node always starts secondary: {a:#}"
+    );
+    assert_eq!(a["disk"], "up_to_date", "{a:#}");
+    let oos = num(&a, "out_of_sync_bytes");
+    assert!(
+        (n1..=n1 + slack).contains(&oos),
+        "after a crash alpha's bitmap should hold the {n1} bytes acknowledged before it, holds {oos}: {a:#}"
+    );
+    let out = pair.alpha.promote(false);
+    assert!(
+        out.success(),
+        "promote without --force refused although the disk is up to date: {out}"
+    );
+
+    // Second half, then a clean restart.
+    write_patterns(&pair.alpha.uri(), second);
+    pair.alpha.stop(Duration::from_secs(20));
+    pair.alpha.start();
+    let a = pair.alpha.status();
+    assert_eq!(a["disk"], "up_to_date", "{a:#}");
+    let oos = num(&a, "out_of_sync_bytes");
+    assert!(
+        (n..=n + slack).contains(&oos),
+        "after a clean restart alpha's bitmap should hold the {n} bytes written while beta was away, holds {oos}: {a:#}"
+    );
+    let out = pair.alpha.promote(false);
+    assert!(
+        out.success(),
+        "promote without --force refused although the disk is up to date: {out}"
+    );
+    let a = pair.alpha.status();
+    assert_eq!(a["role"], "primary", "{a:#}");
+    assert_eq!(
+        num(&a, "out_of_sync_bytes"),
+        oos,
+        "promotion changed the bitmap: {a:#}"
+    );
+    // The data written before both restarts reads back from alpha.
+    let reads: Vec<String> = writes.iter().map(PatternWrite::read_cmd).collect();
+    qemu_io(&pair.alpha.uri(), &reads);
+
+    // Beta returns to a primary that restarted twice: still only the changes travel.
+    pair.beta.start();
+    let (a, b) = pair.wait_in_sync("after beta returned", Duration::from_secs(30));
+    assert_roles(&a, &b);
+    let copied = num(&a, "stats.resynced_bytes_total");
+    eprintln!(
+        "resync after primary restarts: {n} bytes written while apart, resync copied {copied}"
+    );
+    assert!(
+        (n..=n + slack).contains(&copied),
+        "the resync copied {copied} bytes; {n} changed (at most {slack} more for granularity), \
+         the device is {size}: {a:#}"
+    );
+    pair.assert_disks_identical("after the resync");
+    assert_disk_has("beta after the resync", &pair.beta.disk, &writes);
+}
+
+// ------------------------------------------------------------------------------------------
+// 4. A corrupted frame is never applied
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn corrupted_frame_is_never_applied() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    let size = 32 * MIB;
+    let pair = Pair::up(PairOpts {
+        disk_size: size,
+        proxy: true,
+        ..PairOpts::default()
+    });
+    let proxy = pair.proxy();
+    let (a, _) = pair.wait_in_sync("before the corruption", Duration::from_secs(5));
+    let resynced_before = num(&a, "stats.resynced_bytes_total");
+
+    // The next write of at least 64 KiB reaches beta with one bit flipped in its data, and
+    // the proxy refuses new connections from then on, so beta's disk can be inspected
+    // before any resync repairs it.
+    proxy.corrupt_next_write(64 * 1024, true);
+    let writes: Vec<PatternWrite> = (0..4u64)
+        .map(|i| PatternWrite {
+            offset: (2 + 4 * i) * MIB,
+            len: MIB,
+            pattern: 0xa1 + i as u8,
+        })
+        .collect();
+    let n: u64 = writes.iter().map(|w| w.len).sum();
+    write_patterns(&pair.alpha.uri(), &writes);
+    let corruptions = proxy.corruptions();
+    assert_eq!(
+        corruptions.len(),
+        1,
+        "the proxy should have corrupted exactly one write: {corruptions:?}"
+    );
+    let c = corruptions[0];
+    eprintln!("corrupted: {c:?}");
+    let hit = writes
+        .iter()
+        .find(|w| w.offset <= c.write_offset && c.write_offset + c.data_len <= w.offset + w.len)
+        .unwrap_or_else(|| panic!("the corrupted write {c:?} is none of {writes:?}"));
+
+    // The link went down, and beta says why.
+    let line = wait_log_line(&pair.beta, &["checksum"], Duration::from_secs(10));
+    eprintln!("beta: {line}");
+    pair.alpha.wait_status(
+        "the link down after the corruption",
+        Duration::from_secs(10),
+        |s| !linked(s),
+    );
+    pair.beta.wait_status(
+        "the link down after the corruption",
+        Duration::from_secs(10),
+        |s| !linked(s),
+    );
+
+    // Beta never applied the corrupted write: its range still holds the old (zero) bytes.
+    let on_beta = read_at(&pair.beta.disk, c.write_offset, c.data_len as usize);
+    let bad = hit.pattern ^ c.mask;
+    assert_ne!(
+        on_beta[c.byte_in_data as usize],
+        bad,
+        "beta wrote the corrupted byte {bad:#04x} at {} to its disk",
+        c.write_offset + c.byte_in_data
+    );
+    assert_same_bytes(
+        "beta's copy of the range of the corrupted write (never applied: still zero)",
+        &on_beta,
+        &vec![0u8; c.data_len as usize],
+    );
+    // Alpha answered the client and knows beta lacks every write since.
+    let a = pair.alpha.status();
+    let oos = num(&a, "out_of_sync_bytes");
+    let slack = writes.len() as u64 * GRANULARITY;
+    assert!(
+        (n..=n + slack).contains(&oos),
+        "alpha should have the {n} bytes written since the corruption out of sync, has {oos}: {a:#}"
+    );
+
+    // The network heals: the link comes back and the bitmap resync repairs beta.
+    proxy.set_refuse(false);
+    let (a, b) = pair.wait_in_sync("after the link returned", Duration::from_secs(30));
+    assert_roles(&a, &b);
+    let copied = num(&a, "stats.resynced_bytes_total") - resynced_before;
+    assert!(
+        (n..=n + slack).contains(&copied),
+        "the resync after the corruption copied {copied} bytes, {n} were out of sync: {a:#}"
+    );
+    assert_eq!(proxy.corruptions().len(), 1, "a second corruption happened");
+    pair.assert_disks_identical("after the corruption was repaired");
+    assert_disk_has("beta after the repair", &pair.beta.disk, &writes);
+    let reads: Vec<String> = writes.iter().map(PatternWrite::read_cmd).collect();
+    qemu_io(&pair.alpha.uri(), &reads);
+}
+
+// ------------------------------------------------------------------------------------------
+// 5. A peer with the wrong secret is refused
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn wrong_secret_is_refused() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    let size = 32 * MIB;
+    let mut pair = Pair::new(PairOpts {
+        disk_size: size,
+        beta_secret: Some("not-the-shared-secret".into()),
+        ..PairOpts::default()
+    });
+    pair.alpha.create_md();
+    pair.beta.create_md();
+    pair.alpha.start();
+    pair.beta.start();
+    pair.alpha.promote(true).ok();
+
+    // Alpha serves writes meanwhile and remembers what beta lacks.
+    thread::sleep(Duration::from_millis(300));
+    let before = num(&pair.alpha.status(), "out_of_sync_bytes");
+    let writes = scattered(8, 512 * 1024, size, 0x30);
+    let n: u64 = writes.iter().map(|w| w.len).sum();
+    write_patterns(&pair.alpha.uri(), &writes);
+    let (a, b) = assert_never_linked(&pair, Duration::from_secs(3), "the secrets differ");
+    let after = num(&a, "out_of_sync_bytes");
+    eprintln!("wrong secret: alpha out of sync {before} before writing {n} bytes, {after} after");
+    assert!(
+        after >= n && after >= before.min(size - n) + n,
+        "alpha's out-of-sync bytes went from {before} to {after} while it wrote {n} bytes without its peer: {a:#}"
+    );
+    assert_eq!(a["role"], "primary", "{a:#}");
+    assert_eq!(b["peer"]["role"], "unknown", "{b:#}");
+    for node in [&pair.alpha, &pair.beta] {
+        let line = wait_log_line(node, &["authenticat"], Duration::from_secs(5));
+        eprintln!("{}: {line}", node.name);
+    }
+    assert!(
+        !fs::read(&pair.beta.disk)
+            .expect("read beta's disk")
+            .iter()
+            .any(|b| *b != 0),
+        "beta's disk received data over a link that was never authenticated"
+    );
+
+    // With the right secret, beta joins and gets everything.
+    pair.beta.stop(Duration::from_secs(20));
+    pair.opts.beta_secret = None;
+    pair.write_configs();
+    pair.beta.start();
+    let (a, b) = pair.wait_in_sync("with the right secret", Duration::from_secs(60));
+    assert_roles(&a, &b);
+    assert!(num(&a, "stats.resynced_bytes_total") >= n, "{a:#}");
+    pair.assert_disks_identical("after the resync");
+    assert_disk_has("beta after the resync", &pair.beta.disk, &writes);
+}
+
+// ------------------------------------------------------------------------------------------
+// 6. Heartbeat loss is detected in time, and only when it happens
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn heartbeat_loss_is_detected_in_time() {
+    if !require("fio") {
+        return;
+    }
+    let _g = exclusive();
+    let (interval, timeout) = (100u64, 600u64);
+    // A node may have heard its peer up to one interval before the silence began, checks
+    // once per interval, and the status poll adds its own latency.
+    let earliest = Duration::from_millis(timeout - interval - 50);
+    let latest = Duration::from_millis(timeout + interval + 150);
+    let size = 32 * MIB;
+    let pair = Pair::up(PairOpts {
+        disk_size: size,
+        heartbeat_ms: Some((interval, timeout)),
+        proxy: true,
+        ..PairOpts::default()
+    });
+    let proxy = pair.proxy();
+    let check = |what: &str, (a, b): (Duration, Duration)| {
+        eprintln!(
+            "heartbeat loss detected {what}: alpha after {} ms, beta after {} ms (timeout {timeout} ms, interval {interval} ms)",
+            a.as_millis(),
+            b.as_millis()
+        );
+        for (name, t) in [("alpha", a), ("beta", b)] {
+            assert!(
+                t <= latest,
+                "{what}: {name} took {} ms to notice the silent peer; at most {} ms allowed",
+                t.as_millis(),
+                latest.as_millis()
+            );
+            assert!(
+                t >= earliest,
+                "{what}: {name} declared the peer lost after {} ms, before its {timeout} ms timeout could have passed",
+                t.as_millis()
+            );
+        }
+    };
+
+    // Idle link.
+    pair.wait_in_sync("before the first partition", Duration::from_secs(5));
+    check("on an idle link", blackhole_and_measure(&pair));
+    proxy.set_blackhole(false);
+    pair.wait_in_sync("after the first partition healed", Duration::from_secs(30));
+
+    // Under load: no false alarm while the link is healthy...
+    let (a0, _) = pair.wait_in_sync("before the load", Duration::from_secs(5));
+    let writes_before = num(&a0, "stats.replicated_writes_total");
+    let logged_before = [pair.alpha.log().len(), pair.beta.log().len()];
+    let dir = pair.path("");
+    let mut load = Background::spawn(
+        tool("fio")
+            .current_dir(&dir)
+            .args([
+                "--name=load",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bs=64k",
+            ])
+            .args(["--iodepth=8", "--time_based", "--runtime=6"])
+            .arg(format!("--size={size}"))
+            .arg(format!("--uri={}", pair.alpha.uri())),
+        &pair.path("fio-load"),
+    );
+    pair.alpha
+        .wait_status("replicated writes from fio", Duration::from_secs(10), |s| {
+            num(s, "stats.replicated_writes_total") > writes_before + 10
+        });
+    let healthy = Instant::now();
+    while healthy.elapsed() < Duration::from_millis(2500) {
+        assert!(load.running(), "fio ended early");
+        for node in [&pair.alpha, &pair.beta] {
+            let st = node.status();
+            assert_eq!(
+                st["connection"], "connected",
+                "{}: the link dropped under load although the network is healthy: {st:#}",
+                node.name
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let a1 = pair.alpha.status();
+    let during = num(&a1, "stats.replicated_writes_total") - writes_before;
+    eprintln!("writes replicated during the healthy load phase: {during}");
+    for (node, from) in [&pair.alpha, &pair.beta].into_iter().zip(logged_before) {
+        let log = node.log();
+        let recent = &log[from..];
+        assert!(
+            !recent.contains("link lost"),
+            "{}: the link was dropped while the network was healthy:\n{recent}",
+            node.name
+        );
+    }
+
+    // ...and a prompt one when the network goes silent under load.
+    assert!(load.running(), "fio ended before the partition");
+    check("under load", blackhole_and_measure(&pair));
+    let out = load.wait(Duration::from_secs(60));
+    assert!(
+        out.success(),
+        "fio's writes must keep succeeding while the peer is lost: {out}"
+    );
+    proxy.set_blackhole(false);
+    pair.wait_in_sync(
+        "after the partition under load healed",
+        Duration::from_secs(30),
+    );
+    pair.assert_disks_identical("after the load and the partitions");
+}
+
+// ------------------------------------------------------------------------------------------
+// 7. Protocols A and B
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn protocols_a_and_b() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    let size = 16 * MIB;
+    for protocol in ["A", "B"] {
+        let pair = Pair::up(PairOpts {
+            disk_size: size,
+            protocol: Some(protocol),
+            ..PairOpts::default()
+        });
+        let (a, _) = pair.wait_in_sync("before the writes", Duration::from_secs(5));
+        let before = num(&a, "stats.replicated_writes_total");
+        let mut writes = scattered(16, 256 * 1024, size, 0x10);
+        // Overlapping writes in sequence: the last one must win on beta too.
+        for (i, len) in [(0u64, MIB), (1, 4096), (2, 300 * 1024), (3, 512)] {
+            writes.push(PatternWrite {
+                offset: 3 * MIB + i * 1000,
+                len,
+                pattern: 0xe0 + i as u8,
+            });
+        }
+        writes.push(PatternWrite {
+            offset: size - 4096,
+            len: 4096,
+            pattern: 0xef,
+        });
+        write_patterns(&pair.alpha.uri(), &writes);
+        let count = writes.len() as u64;
+        pair.alpha.wait_status(
+            &format!("protocol {protocol}: every write acknowledged by the peer"),
+            Duration::from_secs(10),
+            |s| num(s, "stats.replicated_writes_total") >= before + count,
+        );
+        let (a, b) = pair.wait_in_sync(
+            &format!("protocol {protocol}: after the writes"),
+            Duration::from_secs(30),
+        );
+        assert_roles(&a, &b);
+        pair.assert_disks_identical(&format!("protocol {protocol}"));
+        assert_disk_has(
+            &format!("protocol {protocol}: beta"),
+            &pair.beta.disk,
+            &writes,
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 8. A peer too small to hold a copy is refused
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn smaller_peer_is_refused() {
+    let _g = shared();
+    let (size, small) = (32 * MIB, 24 * MIB);
+    let mut pair = Pair::new(PairOpts {
+        disk_size: size,
+        beta_disk_size: Some(small),
+        ..PairOpts::default()
+    });
+    pair.alpha.create_md();
+    pair.beta.create_md();
+    pair.alpha.start();
+    pair.beta.start();
+    pair.alpha.promote(true).ok();
+    let (a, b) = assert_never_linked(&pair, Duration::from_secs(3), "beta's disk is smaller");
+    assert_eq!(num(&a, "size_bytes"), size, "{a:#}");
+    assert_eq!(num(&b, "size_bytes"), small, "{b:#}");
+    // The refusal says which sizes did not fit.
+    for node in [&pair.alpha, &pair.beta] {
+        let line = wait_log_line(
+            node,
+            &["smaller", &small.to_string()],
+            Duration::from_secs(5),
+        );
+        eprintln!("{}: {line}", node.name);
+    }
+    pair.alpha.assert_alive("after refusing the peer");
+    pair.beta.assert_alive("after being refused");
+    let st = pair.beta.status();
+    assert_eq!(st["disk"], "inconsistent", "beta never got data: {st:#}");
+}
