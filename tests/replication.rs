@@ -742,8 +742,9 @@ fn wrong_secret_is_refused() {
     let after = num(&a, "out_of_sync_bytes");
     eprintln!("wrong secret: alpha out of sync {before} before writing {n} bytes, {after} after");
     assert!(
-        after >= n && after >= before.min(size - n) + n,
-        "alpha's out-of-sync bytes went from {before} to {after} while it wrote {n} bytes without its peer: {a:#}"
+        after >= before + n,
+        "alpha's out-of-sync bytes went from {before} to {after} while it wrote {n} bytes to \
+         blocks its peer does not have: {a:#}"
     );
     assert_eq!(a["role"], "primary", "{a:#}");
     assert_eq!(b["peer"]["role"], "unknown", "{b:#}");
@@ -895,12 +896,15 @@ fn protocols_a_and_b() {
     if !require("qemu-io") {
         return;
     }
+    // Without fio only the load-and-cut phase is skipped (and announced).
+    let have_fio = require("fio");
     let _g = shared();
     let size = 16 * MIB;
     for protocol in ["A", "B"] {
         let pair = Pair::up(PairOpts {
             disk_size: size,
             protocol: Some(protocol),
+            proxy: true,
             ..PairOpts::default()
         });
         let (a, _) = pair.wait_in_sync("before the writes", Duration::from_secs(5));
@@ -937,6 +941,58 @@ fn protocols_a_and_b() {
             &pair.beta.disk,
             &writes,
         );
+
+        // Writes the client already had acknowledged, in flight when the link is cut, must
+        // still reach beta (by resync).
+        if !have_fio {
+            continue;
+        }
+        let mut load = Background::spawn(
+            tool("fio")
+                .current_dir(pair.path(""))
+                .args([
+                    "--name=load",
+                    "--ioengine=nbd",
+                    "--rw=randwrite",
+                    "--bs=64k",
+                ])
+                .args(["--iodepth=16", "--time_based", "--runtime=3"])
+                .arg(format!("--size={size}"))
+                .arg(format!("--uri={}", pair.alpha.uri())),
+            &pair.path(&format!("fio-{protocol}")),
+        );
+        let (a, _) = pair.wait_in_sync("before the cuts", Duration::from_secs(5));
+        let mut seen = num(&a, "stats.replicated_writes_total");
+        for cut in 1..=2 {
+            // Cut only with writes flowing: wait for the link and for new replicated writes.
+            let a = pair.alpha.wait_status(
+                &format!("protocol {protocol}: writes replicated before cut {cut}"),
+                Duration::from_secs(10),
+                |s| {
+                    s["connection"] == "connected"
+                        && num(s, "stats.replicated_writes_total") > seen + 20
+                },
+            );
+            seen = num(&a, "stats.replicated_writes_total");
+            assert!(load.running(), "fio ended before cut {cut}");
+            // The link is re-established within milliseconds, faster than a status poll
+            // can see it down: the proxy counts the new connections instead.
+            let accepted = pair.proxy().accepted();
+            pair.proxy().cut();
+            wait_until(
+                &format!("protocol {protocol}: alpha reconnecting after cut {cut}"),
+                Duration::from_secs(10),
+                || pair.proxy().accepted() >= accepted + 2,
+            );
+        }
+        let out = load.wait(Duration::from_secs(60));
+        assert!(out.success(), "protocol {protocol}: fio failed: {out}");
+        let (a, b) = pair.wait_in_sync(
+            &format!("protocol {protocol}: after the cuts"),
+            Duration::from_secs(30),
+        );
+        assert_roles(&a, &b);
+        pair.assert_disks_identical(&format!("protocol {protocol}: after writes cut in flight"));
     }
 }
 
@@ -958,6 +1014,15 @@ fn smaller_peer_is_refused() {
     pair.alpha.start();
     pair.beta.start();
     pair.alpha.promote(true).ok();
+    // Alpha serves a client meanwhile; none of it may reach beta.
+    let mut client = match RawNbd::connect(pair.alpha.nbd, RESOURCE) {
+        Ok(Ok(c)) => c,
+        Ok(Err((code, msg))) => panic!("alpha refused an NBD client ({code:#x}): {msg}"),
+        Err(e) => panic!("NBD handshake with alpha failed: {e}"),
+    };
+    client.write_read_check(MIB, &SplitMix::new(8).bytes(65536));
+    assert_eq!(client.flush().expect("flush request"), 0, "flush");
+    client.disconnect();
     let (a, b) = assert_never_linked(&pair, Duration::from_secs(3), "beta's disk is smaller");
     assert_eq!(num(&a, "size_bytes"), size, "{a:#}");
     assert_eq!(num(&b, "size_bytes"), small, "{b:#}");
@@ -974,4 +1039,78 @@ fn smaller_peer_is_refused() {
     pair.beta.assert_alive("after being refused");
     let st = pair.beta.status();
     assert_eq!(st["disk"], "inconsistent", "beta never got data: {st:#}");
+    assert!(
+        !fs::read(&pair.beta.disk)
+            .expect("read beta's disk")
+            .iter()
+            .any(|b| *b != 0),
+        "data reached beta's disk over a refused link"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// 9. Writes during the initial full sync
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn writes_during_full_sync_land_on_both_disks() {
+    if !require("qemu-io") {
+        return;
+    }
+    let _g = shared();
+    // 16 MiB at 4 MiB/s: the full sync takes about four seconds.
+    let size = 16 * MIB;
+    let mut pair = Pair::new(PairOpts {
+        disk_size: size,
+        rate_mb_s: Some(4),
+        ..PairOpts::default()
+    });
+    pair.alpha.create_md();
+    pair.beta.create_md();
+    pair.alpha.start();
+    pair.beta.start();
+    pair.alpha.promote(true).ok();
+
+    // The sync is under way, with progress in the status on both sides.
+    let a = pair.alpha.wait_status(
+        "a full sync under way (sync_source, some bytes done)",
+        Duration::from_secs(10),
+        |s| s["connection"] == "sync_source" && s["resync"]["done_bytes"].as_u64() > Some(0),
+    );
+    assert_eq!(num(&a, "resync.total_bytes"), size, "{a:#}");
+    assert!(num(&a, "resync.done_bytes") < size, "{a:#}");
+    let b = pair.beta.status();
+    assert_eq!(b["connection"], "sync_target", "{b:#}");
+    assert_eq!(
+        b["disk"], "inconsistent",
+        "beta is not up to date before the sync ends: {b:#}"
+    );
+    assert!(
+        b["resync"].is_object(),
+        "beta shows no resync progress: {b:#}"
+    );
+
+    // Writes everywhere: into parts already copied and parts not yet copied.
+    let mut writes = scattered(16, 64 * 1024, size, 0x20);
+    writes.push(PatternWrite {
+        offset: size - 4096,
+        len: 4096,
+        pattern: 0x2f,
+    });
+    write_patterns(&pair.alpha.uri(), &writes);
+    let a = pair.alpha.status();
+    assert_eq!(
+        a["connection"], "sync_source",
+        "the sync ended before the writes did, so this test did not test writes during a sync: {a:#}"
+    );
+    let rate = num(&a, "resync.rate_bytes_per_s");
+    assert!(
+        rate <= 6 * MIB,
+        "the resync ran at {rate} bytes/s despite rate_mb_s = 4: {a:#}"
+    );
+
+    let (a, b) = pair.wait_in_sync("after the full sync", Duration::from_secs(30));
+    assert_roles(&a, &b);
+    pair.assert_disks_identical("after writes during the full sync");
+    assert_disk_has("beta after the full sync", &pair.beta.disk, &writes);
 }

@@ -43,7 +43,9 @@
 #    exit by itself.  A killed nbdfuse can leave the mount behind
 #    ("Transport endpoint is not connected"); 'fusermount3 -uz DIR' (lazy)
 #    removes it, and writing to /sys/fs/fuse/connections/N/abort unsticks
-#    anything blocked on it (fusectl may need mounting first).
+#    anything blocked on it (fusectl may need mounting first; N is the minor
+#    number of the mount's device in /proc/self/mountinfo).  Such a dead mount
+#    fails stat(), so 'mountpoint' calls it unmounted: check the mount table.
 #  * Loop over a FUSE file: both 'losetup --direct-io=on' and the buffered
 #    default work here (kernel 6.x FUSE accepts O_DIRECT; losetup --list -O DIO
 #    shows 1).  Direct IO is the default of this script: no second page cache
@@ -57,8 +59,9 @@
 #  * The loop device must be detached (losetup -d) before fusermount3 -u,
 #    or the unmount fails with "Device or resource busy".  losetup -d is
 #    asynchronous; wait until 'losetup -j FILE' no longer lists the device.
-#  * fsync on ext4 reaches the server: ext4 flush -> loop (buffered) fsyncs
-#    its backing file -> FUSE fsync -> nbdfuse sends NBD_CMD_FLUSH.
+#  * fsync on ext4 reaches the server: ext4 sends a flush -> loop fsyncs its
+#    backing file -> FUSE fsync -> nbdfuse sends NBD_CMD_FLUSH (seen in traces:
+#    one FLUSH per fsync, direct IO or not).
 #  * mkfs.ext4 discards the whole device by default: loop turns that into
 #    fallocate(PUNCH_HOLE) on the FUSE file and nbdfuse into NBD_CMD_TRIM;
 #    a server without TRIM support makes mkfs skip it (not an error).
@@ -117,21 +120,26 @@ step() {
     [ "$rc" = 0 ] || fail "$what: exit status $rc"
 }
 
+mount_dev() {                # "major:minor" of the mount at DIR, from mountinfo
+    awk -v m="$1" '$5 == m { print $3 }' /proc/self/mountinfo | tail -1
+}
+
 fuse_abort() {               # abort the FUSE connection behind DIR
-    local dir=$1 dev
-    dev=$(stat -c %d "$dir" 2>/dev/null) || return 0
-    [ -d /sys/fs/fuse/connections ] || return 0
+    local dev
+    dev=$(mount_dev "$1")
+    [ -n "$dev" ] && [ -d /sys/fs/fuse/connections ] || return 0
     if [ -z "$(ls -A /sys/fs/fuse/connections 2>/dev/null)" ]; then
         mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
     fi
-    # st_dev of a FUSE mount is makedev(0, N) and N names the connection
-    local minor=$(( (dev & 0xff) | ((dev >> 12) & 0xfff00) ))
-    if [ -w "/sys/fs/fuse/connections/$minor/abort" ]; then
-        echo 1 >"/sys/fs/fuse/connections/$minor/abort" 2>/dev/null || true
+    # a FUSE mount's device is 0:N and connections/N is its control directory
+    if [ -w "/sys/fs/fuse/connections/${dev#0:}/abort" ]; then
+        echo 1 >"/sys/fs/fuse/connections/${dev#0:}/abort" 2>/dev/null || true
     fi
 }
 
-is_mounted() { mountpoint -q "$1" 2>/dev/null; }
+# From the mount table, not stat(): a dead FUSE mount fails stat() with
+# "Transport endpoint is not connected" but is still mounted.
+is_mounted() { [ -n "$(mount_dev "$1")" ]; }
 
 wait_gone() {                # wait_gone PID SECONDS
     local pid=$1 i

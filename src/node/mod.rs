@@ -649,11 +649,24 @@ impl Node {
                     ))
                 }
             },
-            Request::Verify => Reply::error(if self.repl.is_none() {
-                self.no_peer_link()
-            } else {
-                "online verify is not available in this version of twinbd".to_string()
-            }),
+            Request::Verify => match &self.repl {
+                None => Reply::error(self.no_peer_link()),
+                Some(r) => match r.verify().await {
+                    Ok(v) => Reply::message(format!(
+                        "verify: {} bytes checked in {:.1} s; {} block(s) ({} bytes) differed{}",
+                        v.checked_bytes,
+                        v.seconds,
+                        v.differing_blocks,
+                        v.differing_bytes,
+                        if v.differing_blocks > 0 {
+                            "; marked out of sync and being resynced from this node"
+                        } else {
+                            ""
+                        }
+                    )),
+                    Err(e) => Reply::error(format!("verify failed: {e}")),
+                },
+            },
             Request::Events => Reply::error("events is a streaming request"),
         }
     }

@@ -171,6 +171,15 @@ pub enum Msg {
     Bye {
         reason: String,
     },
+    VerifyRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    VerifyReply {
+        id: u64,
+        crcs: Vec<u32>,
+    },
 }
 
 mod kind {
@@ -194,6 +203,8 @@ mod kind {
     pub const RESYNC_ACK: u16 = 18;
     pub const RESYNC_DONE: u16 = 19;
     pub const BYE: u16 = 20;
+    pub const VERIFY_REQUEST: u16 = 21;
+    pub const VERIFY_REPLY: u16 = 22;
 }
 
 impl Msg {
@@ -219,6 +230,8 @@ impl Msg {
             Msg::ResyncAck { .. } => "resync-ack",
             Msg::ResyncDone { .. } => "resync-done",
             Msg::Bye { .. } => "bye",
+            Msg::VerifyRequest { .. } => "verify-request",
+            Msg::VerifyReply { .. } => "verify-reply",
         }
     }
 
@@ -244,6 +257,8 @@ impl Msg {
             Msg::ResyncAck { .. } => kind::RESYNC_ACK,
             Msg::ResyncDone { .. } => kind::RESYNC_DONE,
             Msg::Bye { .. } => kind::BYE,
+            Msg::VerifyRequest { .. } => kind::VERIFY_REQUEST,
+            Msg::VerifyReply { .. } => kind::VERIFY_REPLY,
         }
     }
 
@@ -329,6 +344,18 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
             put32(&mut f, *errno);
         }
         Msg::ResyncDone { current } => put64(&mut f, *current),
+        Msg::VerifyRequest { id, offset, len } => {
+            put64(&mut f, *id);
+            put64(&mut f, *offset);
+            put32(&mut f, *len);
+        }
+        Msg::VerifyReply { id, crcs } => {
+            put64(&mut f, *id);
+            put32(&mut f, crcs.len() as u32);
+            for c in crcs {
+                put32(&mut f, *c);
+            }
+        }
     }
     let data = msg.data();
     let len = (f.len() - HEADER_LEN + data.len()) as u32;
@@ -522,6 +549,23 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
             errno: r.u32()?,
         },
         kind::RESYNC_DONE => Msg::ResyncDone { current: r.u64()? },
+        kind::VERIFY_REQUEST => Msg::VerifyRequest {
+            id: r.u64()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        },
+        kind::VERIFY_REPLY => {
+            let id = r.u64()?;
+            let n = r.u32()? as usize;
+            if n > fixed.len().saturating_sub(12) / 4 {
+                return Err(r.bad(format!("{n} checksums announced")));
+            }
+            let mut crcs = Vec::with_capacity(n);
+            for _ in 0..n {
+                crcs.push(r.u32()?);
+            }
+            Msg::VerifyReply { id, crcs }
+        }
         other => return Err(WireError::UnknownKind(other)),
     };
     if r.at != fixed.len() {
@@ -681,6 +725,15 @@ mod tests {
             Msg::ResyncDone { current: 5 },
             Msg::Bye {
                 reason: "shutdown".into(),
+            },
+            Msg::VerifyRequest {
+                id: 3,
+                offset: 1 << 20,
+                len: 1 << 20,
+            },
+            Msg::VerifyReply {
+                id: 3,
+                crcs: vec![1, 2, 0xffff_ffff],
             },
         ]
     }

@@ -182,6 +182,7 @@ struct PeerInner {
     writes: HashMap<u64, PendingWrite>,
     flushes: HashMap<u64, oneshot::Sender<u32>>,
     resync: HashMap<u64, (u64, OwnedSemaphorePermit)>,
+    verifies: HashMap<u64, oneshot::Sender<Vec<u32>>>,
 }
 
 /// One established link.
@@ -282,6 +283,7 @@ impl Peer {
         }
         g.flushes.clear();
         g.resync.clear();
+        g.verifies.clear();
         drop(g);
         self.closed.send_replace(true);
         self.bitmap_done.notify_waiters();
@@ -301,6 +303,15 @@ struct View {
     connection: Connection,
     resync: Option<Progress>,
     last_error: Option<String>,
+}
+
+/// The outcome of an online verify.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub checked_bytes: u64,
+    pub differing_blocks: u64,
+    pub differing_bytes: u64,
+    pub seconds: f64,
 }
 
 /// What the node reads for its status.
@@ -875,6 +886,11 @@ impl Replicator {
                     self.evaluate(&peer, st).await;
                     self.changed.notify_one();
                 }
+                Msg::VerifyReply { id, crcs } => {
+                    if let Some(tx) = lock(&peer.inner).verifies.remove(&id) {
+                        let _ = tx.send(crcs);
+                    }
+                }
                 Msg::Bye { reason } => return Err(format!("peer said goodbye: {reason}")),
                 other => {
                     return Err(format!(
@@ -1251,6 +1267,22 @@ impl Replicator {
                     res
                 })))
             }
+            Msg::VerifyRequest { id, offset, len } => {
+                self.check_range("a verify request", offset, u64::from(len))?;
+                if u64::from(len) > RESYNC_CHUNK {
+                    return Err(format!("peer asked to verify {len} bytes at once"));
+                }
+                let mut t = self.conflicts.register(offset, u64::from(len));
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let data = me.disk.read(offset, len as usize).await;
+                    drop(t);
+                    let data = data.map_err(|e| format!("verify read failed: {e}"))?;
+                    let crcs = me.chunk_crcs(&data);
+                    p.send_meta(&Msg::VerifyReply { id, crcs }).await
+                })))
+            }
             Msg::Bye { reason } => Err(format!("peer said goodbye: {reason}")),
             other => Err(format!(
                 "unexpected {} on the data connection",
@@ -1375,8 +1407,122 @@ impl Replicator {
 
     /// Sync source: copies every out-of-sync region to the peer, then hands it our generation.
     async fn resync_source(self: &Arc<Self>, peer: &Arc<Peer>, full: bool) -> Result<(), String> {
-        // The target first sends the regions it knows differ; they join ours.
+        self.resync_source_inner(peer, full, true).await
+    }
+
+    fn chunk_crcs(&self, data: &[u8]) -> Vec<u32> {
+        let g = lock(&self.meta).bitmap().granularity() as usize;
+        data.chunks(g).map(crc32c::crc32c).collect()
+    }
+
+    /// Online verify, run on the primary: compares the CRC32C of every bitmap chunk with the
+    /// peer's, marks the chunks that differ out of sync and resyncs them from this node.
+    /// Each range is held (application writes to it wait) from before the request is sent
+    /// until both sides have read it, so writes in flight never show up as differences.
+    pub async fn verify(self: &Arc<Self>) -> Result<VerifyReport, String> {
+        if !self.primary.load(Ordering::SeqCst) {
+            return Err(format!(
+                "verify runs on the primary (this node, {}, is secondary)",
+                self.set.link.me
+            ));
+        }
+        let peer = self.current_peer().ok_or("not connected to the peer")?;
+        if *lock(&peer.decision) != Some(Decision::InSync) {
+            return Err("the peer is not in sync (a resync is pending or running)".into());
+        }
+        let g = u64::from(lock(&self.meta).bitmap().granularity());
+        let started = Instant::now();
+        let mut report = VerifyReport::default();
+        let mut pending = FuturesUnordered::new();
+        let mut offset = 0u64;
         loop {
+            while pending.len() < 8 && offset < self.size {
+                let off = offset;
+                let len = (self.size - off).min(RESYNC_CHUNK);
+                offset += len;
+                let (me, p) = (Arc::clone(self), Arc::clone(&peer));
+                pending.push(async move {
+                    let mut t = me.conflicts.register(off, len);
+                    t.wait().await;
+                    let id = p.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = oneshot::channel();
+                    {
+                        let mut gi = lock(&p.inner);
+                        if gi.dead {
+                            return Err("link lost during verify".to_string());
+                        }
+                        gi.verifies.insert(id, tx);
+                    }
+                    p.send_data(&Msg::VerifyRequest {
+                        id,
+                        offset: off,
+                        len: len as u32,
+                    })
+                    .await?;
+                    let local = me
+                        .disk
+                        .read(off, len as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mine = me.chunk_crcs(&local);
+                    let theirs = rx
+                        .await
+                        .map_err(|_| "link lost during verify".to_string())?;
+                    drop(t);
+                    if theirs.len() != mine.len() {
+                        return Err(
+                            "peer answered verify with the wrong number of checksums".into()
+                        );
+                    }
+                    let diff: Vec<u64> = mine
+                        .iter()
+                        .zip(&theirs)
+                        .enumerate()
+                        .filter(|(_, (a, b))| a != b)
+                        .map(|(i, _)| off + i as u64 * g)
+                        .collect();
+                    Ok::<(u64, Vec<u64>), String>((len, diff))
+                });
+            }
+            let Some(res) = pending.next().await else {
+                break;
+            };
+            let (len, diff) = res?;
+            report.checked_bytes += len;
+            for block in diff {
+                let l = g.min(self.size - block);
+                self.marker.mark(block, l).await?;
+                report.differing_blocks += 1;
+                report.differing_bytes += l;
+            }
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            checked = report.checked_bytes,
+            differing_blocks = report.differing_blocks,
+            "online verify finished"
+        );
+        if report.differing_blocks > 0 {
+            *lock(&peer.decision) = Some(Decision::Source { full: false });
+            self.set_connection(Connection::SyncSource);
+            let (me, p) = (Arc::clone(self), Arc::clone(&peer));
+            tokio::spawn(async move {
+                if let Err(e) = me.resync_source_inner(&p, false, false).await {
+                    me.drop_link(&p, &format!("resync after verify failed: {e}"));
+                }
+            });
+        }
+        Ok(report)
+    }
+
+    async fn resync_source_inner(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        full: bool,
+        wait_for_bitmap: bool,
+    ) -> Result<(), String> {
+        // The target first sends the regions it knows differ; they join ours.
+        while wait_for_bitmap {
             let notified = peer.bitmap_done.notified();
             if peer.bitmap_received.load(Ordering::SeqCst) {
                 break;

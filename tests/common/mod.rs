@@ -1657,6 +1657,8 @@ pub struct PairOpts {
     pub protocol: Option<&'static str>,
     /// `heartbeat.interval_ms` and `timeout_ms`; the defaults when `None`.
     pub heartbeat_ms: Option<(u64, u64)>,
+    /// `sync.rate_mb_s` (MiB/s); unlimited when `None`.
+    pub rate_mb_s: Option<u64>,
     /// A secret for beta's resource file that differs from alpha's.
     pub beta_secret: Option<String>,
     /// Alpha reaches beta through a [`FaultProxy`]: alpha's resource file names the proxy as
@@ -1671,6 +1673,7 @@ impl Default for PairOpts {
             beta_disk_size: None,
             protocol: None,
             heartbeat_ms: None,
+            rate_mb_s: None,
             beta_secret: None,
             proxy: false,
         }
@@ -1983,6 +1986,9 @@ impl Pair {
             s.push_str(&format!(
                 "\n[heartbeat]\ninterval_ms = {interval}\ntimeout_ms = {timeout}\n"
             ));
+        }
+        if let Some(rate) = self.opts.rate_mb_s {
+            s.push_str(&format!("\n[sync]\nrate_mb_s = {rate}\n"));
         }
         s.push('\n');
         s.push_str(&self.alpha.node_section(self.alpha.replication));
