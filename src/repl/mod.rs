@@ -1522,9 +1522,9 @@ impl Replicator {
         wait_for_bitmap: bool,
     ) -> Result<(), String> {
         // The target first sends the regions it knows differ; they join ours.
-        while wait_for_bitmap {
+        loop {
             let notified = peer.bitmap_done.notified();
-            if peer.bitmap_received.load(Ordering::SeqCst) {
+            if !wait_for_bitmap || peer.bitmap_received.load(Ordering::SeqCst) {
                 break;
             }
             if peer.is_dead() {
