@@ -1069,6 +1069,7 @@ fn writes_during_full_sync_land_on_both_disks() {
     pair.beta.create_md();
     pair.alpha.start();
     pair.beta.start();
+    let promoted = Instant::now();
     pair.alpha.promote(true).ok();
 
     // The sync is under way, with progress in the status on both sides.
@@ -1103,13 +1104,16 @@ fn writes_during_full_sync_land_on_both_disks() {
         a["connection"], "sync_source",
         "the sync ended before the writes did, so this test did not test writes during a sync: {a:#}"
     );
-    let rate = num(&a, "resync.rate_bytes_per_s");
-    assert!(
-        rate <= 6 * MIB,
-        "the resync ran at {rate} bytes/s despite rate_mb_s = 4: {a:#}"
-    );
+    assert!(a["resync"]["rate_bytes_per_s"].is_u64(), "{a:#}");
 
     let (a, b) = pair.wait_in_sync("after the full sync", Duration::from_secs(30));
+    let took = promoted.elapsed();
+    eprintln!("full sync of {size} bytes at rate_mb_s = 4 took {took:?}");
+    // The limit holds over the whole sync (a first chunk may go out at once).
+    assert!(
+        took >= Duration::from_secs(3),
+        "a full sync of {size} bytes limited to 4 MiB/s finished after {took:?}"
+    );
     assert_roles(&a, &b);
     pair.assert_disks_identical("after writes during the full sync");
     assert_disk_has("beta after the full sync", &pair.beta.disk, &writes);

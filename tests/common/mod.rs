@@ -1327,7 +1327,22 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Listens on 127.0.0.1 (a port of the kernel's choosing) and forwards to `target`.
     pub fn start(target: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
+        // The kernel may pick a port that `free_port` handed out (and released) a moment
+        // ago for a daemon: take only a port never handed out, and reserve it.
+        let mut rejected = Vec::new();
+        let listener = loop {
+            let l = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
+            let port = l.local_addr().expect("proxy: local address").port();
+            if HANDED_OUT
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(port)
+            {
+                break l;
+            }
+            rejected.push(l);
+        };
+        drop(rejected);
         let addr = listener.local_addr().expect("proxy: local address");
         listener
             .set_nonblocking(true)
@@ -1635,16 +1650,49 @@ pub fn assert_same_files(what: &str, a: &Path, b: &Path) {
         a.display(),
         b.display()
     );
-    let mut off = 0;
-    while off < la {
-        let n = (la - off).min(MIB) as usize;
-        assert_same_bytes(
-            &format!("{what} (MiB at offset {off})"),
-            &read_at(b, off, n),
-            &read_at(a, off, n),
+    let runs = differing_blocks(a, b, la);
+    if !runs.is_empty() {
+        let total: u64 = runs.iter().map(|(_, l)| l).sum();
+        let shown: Vec<String> = runs
+            .iter()
+            .take(16)
+            .map(|(o, l)| format!("[{o}, +{l})"))
+            .collect();
+        let first = runs[0].0;
+        let n = (la - first).min(16) as usize;
+        panic!(
+            "{what}: {total} bytes in {} run(s) of 4 KiB blocks differ: {}{}; at {first}: {:02x?} instead of {:02x?}",
+            runs.len(),
+            shown.join(", "),
+            if runs.len() > 16 { ", ..." } else { "" },
+            read_at(b, first, n),
+            read_at(a, first, n),
         );
+    }
+}
+
+/// The runs of 4 KiB blocks (offset, length) in which the first `len` bytes of two files
+/// differ.
+pub fn differing_blocks(a: &Path, b: &Path, len: u64) -> Vec<(u64, u64)> {
+    const BLOCK: usize = 4096;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(MIB) as usize;
+        let (x, y) = (read_at(a, off, n), read_at(b, off, n));
+        for (i, (p, q)) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).enumerate() {
+            if p != q {
+                let at = off + (i * BLOCK) as u64;
+                let l = p.len() as u64;
+                match runs.last_mut() {
+                    Some((o, rl)) if *o + *rl == at => *rl += l,
+                    _ => runs.push((at, l)),
+                }
+            }
+        }
         off += n as u64;
     }
+    runs
 }
 
 /// How a pair is set up.
