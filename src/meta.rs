@@ -93,6 +93,8 @@ mod off {
     pub const BITMAP_OFFSET: usize = 96;
     pub const BITMAP_PAGES: usize = 104;
     pub const PROMOTED_AT: usize = 112;
+    pub const ACTIVITY_COUNT: usize = 256;
+    pub const ACTIVITY: usize = 264;
     pub const RESOURCE: usize = 128;
     pub const NODE: usize = 192;
 }
@@ -479,7 +481,10 @@ pub struct Generations {
 /// 120     8  reserved, 0
 /// 128    64  resource name: length (u8, 1..=63) + 63 bytes, NUL padded
 /// 192    64  node name: same encoding
-/// 256  3840  reserved for future fields, 0 (covered by the crc)
+/// 256     4  activity log: number of extents (u32, at most ACTIVITY_MAX)
+/// 260     4  reserved, 0
+/// 264  8*n  activity log: extent numbers (u64 each; extent = ACTIVITY_EXTENT bytes)
+///  ...       reserved for future fields, 0 (covered by the crc)
 /// ```
 ///
 /// Reserved bytes are written as zero and ignored when read.
@@ -506,7 +511,15 @@ pub struct Superblock {
     /// When this node was last promoted (ms since the Unix epoch; 0 = never). Decides which
     /// primary is the younger one after a split brain.
     pub promoted_at_ms: u64,
+    /// The activity log: extents (of [`ACTIVITY_EXTENT`] bytes) that may hold writes the
+    /// peer has not confirmed. After a crash they are marked out of sync.
+    pub activity: Vec<u64>,
 }
+
+/// Size of an activity-log extent.
+pub const ACTIVITY_EXTENT: u64 = 4 << 20;
+/// Most extents the activity log holds (what fits in a superblock slot).
+pub const ACTIVITY_MAX: usize = (SLOT_SIZE - off::ACTIVITY) / 8;
 
 impl Superblock {
     /// A fresh superblock: inconsistent, no generations, no peer.
@@ -528,6 +541,7 @@ impl Superblock {
             flags: Flags::empty(),
             generations: Generations::default(),
             promoted_at_ms: 0,
+            activity: Vec::new(),
         }
     }
 
@@ -579,6 +593,11 @@ impl Superblock {
         put_u64(&mut b, off::BITMAP_OFFSET, BITMAP_OFFSET);
         put_u64(&mut b, off::BITMAP_PAGES, self.bitmap_pages());
         put_u64(&mut b, off::PROMOTED_AT, self.promoted_at_ms);
+        let n = self.activity.len().min(ACTIVITY_MAX);
+        put_u32(&mut b, off::ACTIVITY_COUNT, n as u32);
+        for (i, e) in self.activity.iter().take(n).enumerate() {
+            put_u64(&mut b, off::ACTIVITY + 8 * i, *e);
+        }
         put_name(&mut b, off::RESOURCE, &self.resource);
         put_name(&mut b, off::NODE, &self.node);
         let crc = block_crc(&b);
@@ -648,6 +667,13 @@ impl Superblock {
                 ],
             },
             promoted_at_ms: get_u64(b, off::PROMOTED_AT),
+            activity: {
+                let n = get_u32(b, off::ACTIVITY_COUNT) as usize;
+                if n > ACTIVITY_MAX {
+                    return Err(invalid("activity log", format!("{n} extents")));
+                }
+                (0..n).map(|i| get_u64(b, off::ACTIVITY + 8 * i)).collect()
+            },
         };
         Ok((sb, get_u64(b, off::SEQ)))
     }

@@ -836,7 +836,12 @@ fn heartbeat_loss_is_detected_in_time() {
                 "--rw=randwrite",
                 "--bs=64k",
             ])
-            .args(["--iodepth=8", "--time_based", "--runtime=6"])
+            .args([
+                "--iodepth=8",
+                "--time_based",
+                "--runtime=6",
+                "--end_fsync=1",
+            ])
             .arg(format!("--size={size}"))
             .arg(format!("--uri={}", pair.alpha.uri())),
         &pair.path("fio-load"),
@@ -956,14 +961,17 @@ fn protocols_a_and_b() {
                     "--rw=randwrite",
                     "--bs=64k",
                 ])
-                .args(["--iodepth=16", "--time_based", "--runtime=3"])
+                .args(["--iodepth=16", "--time_based", "--runtime=4"])
+                // The final flush returns only once beta has every earlier write: protocol A
+                // and B acknowledge writes before beta has them on disk.
+                .arg("--end_fsync=1")
                 .arg(format!("--size={size}"))
                 .arg(format!("--uri={}", pair.alpha.uri())),
             &pair.path(&format!("fio-{protocol}")),
         );
         let (a, _) = pair.wait_in_sync("before the cuts", Duration::from_secs(5));
         let mut seen = num(&a, "stats.replicated_writes_total");
-        for cut in 1..=2 {
+        for cut in 1..=3 {
             // Cut only with writes flowing: wait for the link and for new replicated writes.
             let a = pair.alpha.wait_status(
                 &format!("protocol {protocol}: writes replicated before cut {cut}"),
@@ -983,6 +991,17 @@ fn protocols_a_and_b() {
                 &format!("protocol {protocol}: alpha reconnecting after cut {cut}"),
                 Duration::from_secs(10),
                 || pair.proxy().accepted() >= accepted + 2,
+            );
+            // Back in sync, writes still flowing: whatever the cut left unconfirmed has been
+            // resynced, and nothing is left out of sync while the link is up.
+            pair.alpha.wait_status(
+                &format!("protocol {protocol}: connected with nothing out of sync after cut {cut}"),
+                Duration::from_secs(15),
+                |s| {
+                    s["connection"] == "connected"
+                        && s["resync"].is_null()
+                        && s["out_of_sync_bytes"] == 0
+                },
             );
         }
         let out = load.wait(Duration::from_secs(60));

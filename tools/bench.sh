@@ -10,10 +10,12 @@
 #
 # Usage: tools/bench.sh [options]
 #   --only LIST        servers to run, comma separated, in order (default:
-#                      nbdkit,twinbd).  Built-in servers: nbdkit, twinbd,
-#                      pair (two twinbd nodes replicating, untested until the
-#                      daemon runs).  The first one is the reference unless
-#                      --ref says otherwise.
+#                      nbdkit,twinbd).  Built-in servers: nbdkit, twinbd
+#                      (one node, promoted by force), pair (two twinbd nodes
+#                      on loopback, alpha primary replicating to beta, both
+#                      on SERVER_CPUS; best with --order matrix since each
+#                      start waits for a full initial sync).  The first one
+#                      is the reference unless --ref says otherwise.
 #   --server NAME=URI  also measure an NBD server that is already running at
 #                      URI (not started/stopped here; its disk is filled by
 #                      writing through it).  May be repeated.
@@ -361,10 +363,11 @@ stop_server_twinbd() {
 
 # -- pair: two twinbd nodes on loopback, alpha primary, beta replicating
 # (protocol C, the default).  Waits for the initial sync to finish before
-# the matrix runs.  Written against the documented CLI; untested until the
-# daemon runs.
+# the matrix runs (status --json: connected, peer up_to_date, nothing out of
+# sync).
 start_server_pair() {
-    local dir=$1 disk=$2 bin=$TWINBD_BIN conf=$dir/pair.toml i state
+    local dir=$1 disk=$2 bin=$TWINBD_BIN i state
+    local conf=$dir/pair.toml
     cp --sparse=always "$disk" "$dir/beta.img" 2>/dev/null || truncate -s "$SIZE_BYTES" "$dir/beta.img"
     nbd_endpoint "$dir" alpha; local alpha_addr=$EP_ADDR alpha_uri=$EP_URI
     nbd_endpoint "$dir" beta; local beta_addr=$EP_ADDR

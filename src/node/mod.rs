@@ -150,11 +150,24 @@ impl Node {
     ) -> Result<Arc<Node>, NodeError> {
         let me = cfg.node(Some(node_name))?.clone();
         cfg.validate_node_paths(&me.name)?;
-        let (store, report) = MetaStore::open(&meta_location(&me))?;
+        let (mut store, report) = MetaStore::open(&meta_location(&me))?;
         for w in &report.warnings {
             tracing::warn!(meta = %store.location().path().display(), "{w}");
         }
         store.check_identity(&cfg.resource.name, &me.name)?;
+        // Crash recovery: extents of the activity log may hold writes only one disk has.
+        let clean = store.superblock().flags.contains(Flags::CLEAN_SHUTDOWN);
+        let marked = crate::repl::activity::recover(&mut store, clean)?;
+        if marked > 0 {
+            tracing::warn!(
+                bytes = marked,
+                "unclean shutdown: {} of recently written extents marked out of sync for the next resync",
+                crate::status::human_bytes(marked)
+            );
+        }
+        if clean {
+            store.update(|sb| sb.flags.remove(Flags::CLEAN_SHUTDOWN))?;
+        }
         let sb = store.superblock().clone();
         let disk = storage::open_disk(&me.disk, Some(sb.data_size), engine)?;
         if disk.size() < sb.data_size {

@@ -11,6 +11,7 @@
 //! (acknowledgements, heartbeats, state) and the pinger; a watchdog ends the link when nothing
 //! has arrived for `timeout_ms`. A resync runs as a fourth task on the sync source.
 
+pub mod activity;
 pub mod conflict;
 pub mod decide;
 pub mod recovery;
@@ -172,6 +173,8 @@ impl DirtyMarker {
 struct PendingWrite {
     offset: u64,
     len: u64,
+    /// Keeps the write's extents in the activity log until the peer confirms it.
+    _hold: activity::Hold,
     /// Fires at the acknowledgement the protocol waits for (B: received, C: written).
     ack: Option<oneshot::Sender<u32>>,
 }
@@ -251,6 +254,7 @@ impl Peer {
         offset: u64,
         len: u64,
         protocol: Protocol,
+        hold: activity::Hold,
     ) -> Option<(u64, Option<oneshot::Receiver<u32>>)> {
         let mut g = lock(&self.inner);
         if g.dead {
@@ -264,7 +268,15 @@ impl Peer {
                 (Some(tx), Some(rx))
             }
         };
-        g.writes.insert(id, PendingWrite { offset, len, ack });
+        g.writes.insert(
+            id,
+            PendingWrite {
+                offset,
+                len,
+                _hold: hold,
+                ack,
+            },
+        );
         Some((id, rx))
     }
 
@@ -335,6 +347,7 @@ pub struct Replicator {
     conflicts: Arc<Conflicts>,
     peer: Mutex<Option<Arc<Peer>>>,
     marker: DirtyMarker,
+    activity: Arc<activity::ActivityLog>,
     primary: Arc<AtomicBool>,
     enabled: watch::Sender<bool>,
     view: Mutex<View>,
@@ -364,6 +377,7 @@ impl Replicator {
         let primary = Arc::new(AtomicBool::new(false));
         let marker = DirtyMarker::spawn(Arc::clone(&meta), Arc::clone(&primary));
         let (incoming_tx, incoming) = mpsc::channel(16);
+        let activity = activity::ActivityLog::new(Arc::clone(&meta));
         Arc::new(Replicator {
             set,
             disk,
@@ -372,6 +386,7 @@ impl Replicator {
             conflicts: Conflicts::new(),
             peer: Mutex::new(None),
             marker,
+            activity,
             primary,
             enabled: watch::Sender::new(true),
             view: Mutex::new(View {
@@ -1687,7 +1702,12 @@ impl ReplicatedDisk {
         ticket.wait().await;
         let mut wait = None;
         if let Some(p) = r.replicating_peer().await {
-            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol) {
+            let hold = r
+                .activity
+                .hold(offset, len)
+                .await
+                .map_err(|e| meta_err("activity log", offset, len, e))?;
+            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
                 let m = msg(id);
                 if let Err(e) = p.send_data(&m).await {
                     r.drop_link(&p, &e);
@@ -1734,7 +1754,12 @@ impl Backend for ReplicatedDisk {
         let mut wait = None;
         let mut data = data;
         if let Some(p) = r.replicating_peer().await {
-            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol) {
+            let hold = r
+                .activity
+                .hold(offset, len)
+                .await
+                .map_err(|e| meta_err("activity log", offset, len, e))?;
+            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
                 let m = Msg::Write {
                     id,
                     offset,
