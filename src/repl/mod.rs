@@ -1690,17 +1690,27 @@ impl ReplicatedDisk {
         }
     }
 
-    async fn replicate(
+    /// The replicated path of every modifying operation. `payload` is what both the frame
+    /// and the local operation need (a write's data); `frame` builds the message around it
+    /// and `unframe` takes it back once the message is sent, for `local` to use.
+    #[allow(clippy::too_many_arguments)]
+    async fn replicate<T, F>(
         &self,
         r: &Arc<Replicator>,
         offset: u64,
         len: u64,
-        msg: impl FnOnce(u64) -> Msg,
-        local: impl std::future::Future<Output = Result<(), StorageError>>,
-    ) -> Result<(), StorageError> {
+        payload: T,
+        frame: impl FnOnce(u64, T) -> Msg,
+        unframe: impl FnOnce(Msg) -> T,
+        local: impl FnOnce(T) -> F,
+    ) -> Result<(), StorageError>
+    where
+        F: std::future::Future<Output = Result<(), StorageError>>,
+    {
         let mut ticket = r.conflicts.register(offset, len);
         ticket.wait().await;
         let mut wait = None;
+        let mut payload = Some(payload);
         if let Some(p) = r.replicating_peer().await {
             let hold = r
                 .activity
@@ -1708,9 +1718,13 @@ impl ReplicatedDisk {
                 .await
                 .map_err(|e| meta_err("activity log", offset, len, e))?;
             if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
-                let m = msg(id);
-                if let Err(e) = p.send_data(&m).await {
-                    r.drop_link(&p, &e);
+                if let Some(data) = payload.take() {
+                    let m = frame(id, data);
+                    let sent = p.send_data(&m).await;
+                    payload = Some(unframe(m));
+                    if let Err(e) = sent {
+                        r.drop_link(&p, &e);
+                    }
                 }
                 wait = Some(rx);
             }
@@ -1721,7 +1735,10 @@ impl ReplicatedDisk {
                 .await
                 .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
         }
-        let res = local.await;
+        let Some(payload) = payload else {
+            unreachable!("the payload is always handed back")
+        };
+        let res = local(payload).await;
         drop(ticket);
         res?;
         match wait {
@@ -1749,47 +1766,24 @@ impl Backend for ReplicatedDisk {
             return self.disk.write(offset, data, fua).await;
         };
         let len = data.len() as u64;
-        let mut ticket = r.conflicts.register(offset, len);
-        ticket.wait().await;
-        let mut wait = None;
-        let mut data = data;
-        if let Some(p) = r.replicating_peer().await {
-            let hold = r
-                .activity
-                .hold(offset, len)
-                .await
-                .map_err(|e| meta_err("activity log", offset, len, e))?;
-            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
-                let m = Msg::Write {
-                    id,
-                    offset,
-                    fua,
-                    data,
-                };
-                let sent = p.send_data(&m).await;
-                let Msg::Write { data: d, .. } = m else {
-                    unreachable!("built as a write just above")
-                };
-                data = d;
-                if let Err(e) = sent {
-                    r.drop_link(&p, &e);
-                }
-                wait = Some(rx);
-            }
-        }
-        if wait.is_none() {
-            r.marker
-                .mark(offset, len)
-                .await
-                .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
-        }
-        let res = self.disk.write(offset, data, fua).await;
-        drop(ticket);
-        res?;
-        match wait {
-            Some(rx) => Self::confirm(r, rx, offset, len).await,
-            None => Ok(()),
-        }
+        self.replicate(
+            r,
+            offset,
+            len,
+            data,
+            |id, data| Msg::Write {
+                id,
+                offset,
+                fua,
+                data,
+            },
+            |m| match m {
+                Msg::Write { data, .. } => data,
+                _ => unreachable!("framed as a write just above"),
+            },
+            |data| self.disk.write(offset, data, fua),
+        )
+        .await
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
@@ -1826,8 +1820,10 @@ impl Backend for ReplicatedDisk {
             r,
             offset,
             len,
-            |id| Msg::Trim { id, offset, len },
-            self.disk.trim(offset, len),
+            (),
+            |id, ()| Msg::Trim { id, offset, len },
+            drop,
+            |()| self.disk.trim(offset, len),
         )
         .await
     }
@@ -1845,13 +1841,15 @@ impl Backend for ReplicatedDisk {
             r,
             offset,
             len,
-            |id| Msg::Zeroes {
+            (),
+            |id, ()| Msg::Zeroes {
                 id,
                 offset,
                 len,
                 may_trim,
             },
-            self.disk.write_zeroes(offset, len, may_trim),
+            drop,
+            |()| self.disk.write_zeroes(offset, len, may_trim),
         )
         .await
     }
