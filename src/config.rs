@@ -464,6 +464,8 @@ pub struct HandlersConfig {
     pub on_split_brain: Option<String>,
     /// Run when the connection to the peer is lost.
     pub on_peer_lost: Option<String>,
+    /// Run when this node's disk fails and is detached (a twinbd addition to the contract).
+    pub on_disk_failure: Option<String>,
 }
 
 /// `[[node]]`
@@ -481,6 +483,9 @@ pub struct NodeConfig {
     pub nbd: NbdAddr,
     /// Control socket used by the command-line tool (absolute path).
     pub admin: PathBuf,
+    /// Faults to inject into the data disk (`disk_faults = "after=N,ranges=A+L,ops=write"`);
+    /// for testing failure handling only.
+    pub disk_faults: Option<crate::storage::FaultSpec>,
 }
 
 /// A validated resource configuration.
@@ -825,6 +830,7 @@ struct RawHandlers {
     on_demote: Option<Spanned<String>>,
     on_split_brain: Option<Spanned<String>>,
     on_peer_lost: Option<Spanned<String>>,
+    on_disk_failure: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -836,6 +842,7 @@ struct RawNode {
     replication: Option<Spanned<String>>,
     nbd: Option<Spanned<String>>,
     admin: Option<Spanned<String>>,
+    disk_faults: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1090,6 +1097,7 @@ impl Ctx<'_> {
             on_demote: command(raw.on_demote, "handlers.on_demote")?,
             on_split_brain: command(raw.on_split_brain, "handlers.on_split_brain")?,
             on_peer_lost: command(raw.on_peer_lost, "handlers.on_peer_lost")?,
+            on_disk_failure: command(raw.on_disk_failure, "handlers.on_disk_failure")?,
         })
     }
 
@@ -1205,6 +1213,15 @@ impl Ctx<'_> {
                 ));
             }
 
+            let disk_faults = match node.disk_faults {
+                None => None,
+                Some(f) => Some(
+                    f.get_ref()
+                        .parse::<crate::storage::FaultSpec>()
+                        .map_err(|m| self.invalid(Some(&f.span()), key("disk_faults"), m))?,
+                ),
+            };
+
             nodes.push(NodeConfig {
                 name: name.into_inner(),
                 disk: disk_path,
@@ -1212,6 +1229,7 @@ impl Ctx<'_> {
                 replication: replication_addr,
                 nbd: nbd_addr,
                 admin: admin_path,
+                disk_faults,
             });
         }
         Ok(nodes)

@@ -21,7 +21,7 @@ use crate::control::{Event, Reply, Request};
 use crate::meta::{self, DiskState, Flags, MetaLocation, MetaStore};
 use crate::nbd::server::{self as nbd, Export, ExportState, Listener, ServerCtx};
 use crate::peer::link::LinkParams;
-use crate::repl::{ReplEvent, ReplSettings, ReplicatedDisk, Replicator};
+use crate::repl::{DiskHealth, ReplEvent, ReplSettings, ReplicatedDisk, Replicator};
 use crate::status::{Connection, DiskStatus, PeerStatus, Role, Stats, Status};
 use crate::storage::{self, Backend, Disk, EngineChoice};
 use state::{Decision, RoleView};
@@ -123,6 +123,7 @@ pub struct Node {
     events: broadcast::Sender<String>,
     changed: Arc<Notify>,
     repl_events: Mutex<Option<mpsc::UnboundedReceiver<ReplEvent>>>,
+    health: Arc<DiskHealth>,
     detail: Mutex<String>,
 }
 
@@ -169,7 +170,10 @@ impl Node {
             store.update(|sb| sb.flags.remove(Flags::CLEAN_SHUTDOWN))?;
         }
         let sb = store.superblock().clone();
-        let disk = storage::open_disk(&me.disk, Some(sb.data_size), engine)?;
+        let mut disk = storage::open_disk(&me.disk, Some(sb.data_size), engine)?;
+        if let Some(spec) = me.disk_faults.clone() {
+            disk = disk.with_faults(spec);
+        }
         if disk.size() < sb.data_size {
             return Err(NodeError::DiskTooSmall {
                 path: me.disk.clone(),
@@ -191,6 +195,7 @@ impl Node {
         let meta = Arc::new(Mutex::new(store));
         let changed = Arc::new(Notify::new());
         let (repl_tx, repl_rx) = mpsc::unbounded_channel();
+        let health = DiskHealth::new(repl_tx.clone());
         let recovery_dir = match &me.meta {
             MetaSpec::External(p) => p.parent(),
             MetaSpec::Internal => me.disk.parent(),
@@ -222,10 +227,15 @@ impl Node {
                 Arc::clone(&meta),
                 Arc::clone(&changed),
                 repl_tx.clone(),
+                Arc::clone(&health),
             )
         });
         let export = Arc::new(Export {
-            backend: Arc::new(ReplicatedDisk::new(Arc::clone(&disk), repl.clone())),
+            backend: Arc::new(ReplicatedDisk::new(
+                Arc::clone(&disk),
+                repl.clone(),
+                Arc::clone(&health),
+            )),
             size: sb.data_size,
         });
         let (export_tx, export_rx) = watch::channel(ExportState::Closed(secondary_reason(
@@ -253,6 +263,7 @@ impl Node {
             events,
             changed,
             repl_events: Mutex::new(Some(repl_rx)),
+            health,
             detail: Mutex::new("started".into()),
             cfg,
             me,
@@ -260,6 +271,9 @@ impl Node {
     }
 
     fn disk_state(&self) -> DiskStatus {
+        if let Some(d) = self.health.status() {
+            return d;
+        }
         disk_status(
             self.meta
                 .lock()
@@ -461,6 +475,7 @@ impl Node {
             "demote" => h.on_demote.clone(),
             "split_brain" => h.on_split_brain.clone(),
             "peer_lost" => h.on_peer_lost.clone(),
+            "disk_failure" => h.on_disk_failure.clone(),
             _ => None,
         };
         let Some(cmd) = cmd else {
@@ -513,6 +528,7 @@ impl Node {
     async fn repl_events(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<ReplEvent>) {
         while let Some(ev) = rx.recv().await {
             match ev {
+                ReplEvent::DiskFailed { error } => self.disk_failed(error).await,
                 ReplEvent::PeerLost {
                     standby_of_primary,
                     silent,
@@ -541,6 +557,43 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The local disk returned an IO error: report it (status `failed`, an event, the
+    /// `on_disk_failure` handler), record in the metadata that this disk's data can no longer
+    /// be trusted, then go on diskless.
+    async fn disk_failed(self: &Arc<Self>, error: String) {
+        self.note(format!("disk failed: {error}"));
+        let st = self.status();
+        if let Ok(line) = serde_json::to_string(&Event {
+            ts_ms: now_ms(),
+            kind: "disk".into(),
+            detail: format!("disk failed: {error}"),
+            status: st,
+        }) {
+            let _ = self.events.send(line);
+        }
+        self.run_handler("disk_failure");
+        // Best effort: the metadata may live on the failed disk.
+        if let Err(e) = self
+            .meta_update(|sb| sb.disk_state = DiskState::Inconsistent)
+            .await
+        {
+            tracing::error!("cannot record the disk failure in the metadata: {e}");
+        }
+        self.health.set_diskless();
+        tracing::error!(
+            "disk detached: this node is now diskless{}",
+            if self.snap().role == Role::Primary {
+                "; the export is served through the peer"
+            } else {
+                ""
+            }
+        );
+        if let Some(r) = &self.repl {
+            r.local_disk_failed().await;
+        }
+        self.note("diskless".into());
     }
 
     /// Automatic failover: the primary's heartbeat is gone. Once `timeout_ms` has passed since

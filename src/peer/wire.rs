@@ -180,6 +180,17 @@ pub enum Msg {
         id: u64,
         crcs: Vec<u32>,
     },
+    /// A diskless primary reads through its peer.
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    ReadReply {
+        id: u64,
+        errno: u32,
+        data: IoBuf,
+    },
 }
 
 mod kind {
@@ -205,6 +216,8 @@ mod kind {
     pub const BYE: u16 = 20;
     pub const VERIFY_REQUEST: u16 = 21;
     pub const VERIFY_REPLY: u16 = 22;
+    pub const READ_REQUEST: u16 = 23;
+    pub const READ_REPLY: u16 = 24;
 }
 
 impl Msg {
@@ -232,6 +245,8 @@ impl Msg {
             Msg::Bye { .. } => "bye",
             Msg::VerifyRequest { .. } => "verify-request",
             Msg::VerifyReply { .. } => "verify-reply",
+            Msg::ReadRequest { .. } => "read-request",
+            Msg::ReadReply { .. } => "read-reply",
         }
     }
 
@@ -259,13 +274,17 @@ impl Msg {
             Msg::Bye { .. } => kind::BYE,
             Msg::VerifyRequest { .. } => kind::VERIFY_REQUEST,
             Msg::VerifyReply { .. } => kind::VERIFY_REPLY,
+            Msg::ReadRequest { .. } => kind::READ_REQUEST,
+            Msg::ReadReply { .. } => kind::READ_REPLY,
         }
     }
 
     /// The bulk data a message carries (sent after the fixed fields without copying).
     pub fn data(&self) -> &[u8] {
         match self {
-            Msg::Write { data, .. } | Msg::ResyncData { data, .. } => data,
+            Msg::Write { data, .. }
+            | Msg::ResyncData { data, .. }
+            | Msg::ReadReply { data, .. } => data,
             _ => &[],
         }
     }
@@ -349,6 +368,15 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
             put64(&mut f, *offset);
             put32(&mut f, *len);
         }
+        Msg::ReadRequest { id, offset, len } => {
+            put64(&mut f, *id);
+            put64(&mut f, *offset);
+            put32(&mut f, *len);
+        }
+        Msg::ReadReply { id, errno, .. } => {
+            put64(&mut f, *id);
+            put32(&mut f, *errno);
+        }
         Msg::VerifyReply { id, crcs } => {
             put64(&mut f, *id);
             put32(&mut f, crcs.len() as u32);
@@ -408,6 +436,7 @@ pub fn data_prefix_len(kind: u16) -> Option<usize> {
     match kind {
         kind::WRITE => Some(17),
         kind::RESYNC_DATA => Some(8),
+        kind::READ_REPLY => Some(12),
         _ => None,
     }
 }
@@ -549,6 +578,16 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
             errno: r.u32()?,
         },
         kind::RESYNC_DONE => Msg::ResyncDone { current: r.u64()? },
+        kind::READ_REQUEST => Msg::ReadRequest {
+            id: r.u64()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        },
+        kind::READ_REPLY => Msg::ReadReply {
+            id: r.u64()?,
+            errno: r.u32()?,
+            data,
+        },
         kind::VERIFY_REQUEST => Msg::VerifyRequest {
             id: r.u64()?,
             offset: r.u64()?,
@@ -735,6 +774,16 @@ mod tests {
                 id: 3,
                 crcs: vec![1, 2, 0xffff_ffff],
             },
+            Msg::ReadRequest {
+                id: 4,
+                offset: 512,
+                len: 4096,
+            },
+            Msg::ReadReply {
+                id: 4,
+                errno: 0,
+                data: IoBuf::from(&[7u8; 100][..]),
+            },
         ]
     }
 
@@ -808,8 +857,10 @@ mod tests {
                 hdr[20..24].copy_from_slice(&crc.to_be_bytes());
                 let h = decode_header(&hdr).expect("header");
                 let res = decode(&h, IoBuf::from(short));
-                let fixed_only = matches!(m, Msg::Write { .. } | Msg::ResyncData { .. })
-                    && cut >= body.len() - m.data().len();
+                let fixed_only = matches!(
+                    m,
+                    Msg::Write { .. } | Msg::ResyncData { .. } | Msg::ReadReply { .. }
+                ) && cut >= body.len() - m.data().len();
                 if !fixed_only {
                     assert!(res.is_err(), "{} truncated to {cut} accepted", m.name());
                 }

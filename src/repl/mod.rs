@@ -56,9 +56,81 @@ pub struct ReplSettings {
     pub link: LinkParams,
 }
 
+/// The disk byte a node sends in its state while it has no working disk.
+pub const DISK_DISKLESS: u8 = 3;
+
+/// Whether this node's disk still works. A disk that returns an IO error is detached and the
+/// node goes on without it: a primary reads and writes through its peer, a secondary stops
+/// applying and tells its primary, which marks everything for a full resync.
+pub struct DiskHealth {
+    /// 0 working, 1 failed (detaching), 2 diskless.
+    state: std::sync::atomic::AtomicU8,
+    events: mpsc::UnboundedSender<ReplEvent>,
+}
+
+impl DiskHealth {
+    pub fn new(events: mpsc::UnboundedSender<ReplEvent>) -> Arc<DiskHealth> {
+        Arc::new(DiskHealth {
+            state: std::sync::atomic::AtomicU8::new(0),
+            events,
+        })
+    }
+
+    pub fn diskless(&self) -> bool {
+        self.state.load(Ordering::SeqCst) != 0
+    }
+
+    /// `Some(Failed | Diskless)` once the disk has failed.
+    pub fn status(&self) -> Option<DiskStatus> {
+        match self.state.load(Ordering::SeqCst) {
+            1 => Some(DiskStatus::Failed),
+            2 => Some(DiskStatus::Diskless),
+            _ => None,
+        }
+    }
+
+    /// The disk is detached.
+    pub fn set_diskless(&self) {
+        self.state.store(2, Ordering::SeqCst);
+    }
+
+    /// Looks at the error of a local operation: a device error fails the disk (once).
+    /// Returns whether it was one.
+    pub fn check(&self, e: &StorageError) -> bool {
+        if !matches!(
+            e,
+            StorageError::Io { .. } | StorageError::ShortTransfer { .. }
+        ) {
+            return false;
+        }
+        if self
+            .state
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            tracing::error!(error = %e, "disk failure: detaching the disk");
+            let _ = self.events.send(ReplEvent::DiskFailed {
+                error: e.to_string(),
+            });
+        }
+        true
+    }
+}
+
+fn eio(op: &'static str, offset: u64, len: u64, why: &str) -> StorageError {
+    StorageError::Io {
+        op,
+        offset,
+        len,
+        source: std::io::Error::other(why.to_string()),
+    }
+}
+
 /// What the replicator tells the node.
 #[derive(Debug)]
 pub enum ReplEvent {
+    /// The local disk failed and is being detached.
+    DiskFailed { error: String },
     /// The link to the peer is gone. `standby_of_primary`: this node was an up-to-date
     /// secondary of a connected primary (the case for automatic failover); `silent` is how
     /// long nothing had been heard from the peer when the link ended.
@@ -186,6 +258,7 @@ struct PeerInner {
     flushes: HashMap<u64, oneshot::Sender<u32>>,
     resync: HashMap<u64, (u64, OwnedSemaphorePermit)>,
     verifies: HashMap<u64, oneshot::Sender<Vec<u32>>>,
+    reads: HashMap<u64, oneshot::Sender<(u32, IoBuf)>>,
 }
 
 /// One established link.
@@ -296,6 +369,7 @@ impl Peer {
         g.flushes.clear();
         g.resync.clear();
         g.verifies.clear();
+        g.reads.clear();
         drop(g);
         self.closed.send_replace(true);
         self.bitmap_done.notify_waiters();
@@ -348,6 +422,7 @@ pub struct Replicator {
     peer: Mutex<Option<Arc<Peer>>>,
     marker: DirtyMarker,
     activity: Arc<activity::ActivityLog>,
+    health: Arc<DiskHealth>,
     primary: Arc<AtomicBool>,
     enabled: watch::Sender<bool>,
     view: Mutex<View>,
@@ -372,6 +447,7 @@ impl Replicator {
         meta: Arc<Mutex<MetaStore>>,
         changed: Arc<Notify>,
         events: mpsc::UnboundedSender<ReplEvent>,
+        health: Arc<DiskHealth>,
     ) -> Arc<Replicator> {
         let size = lock(&meta).data_size();
         let primary = Arc::new(AtomicBool::new(false));
@@ -387,6 +463,7 @@ impl Replicator {
             peer: Mutex::new(None),
             marker,
             activity,
+            health,
             primary,
             enabled: watch::Sender::new(true),
             view: Mutex::new(View {
@@ -491,6 +568,7 @@ impl Replicator {
                     Some(DiskState::UpToDate) => DiskStatus::UpToDate,
                     Some(DiskState::Outdated) => DiskStatus::Outdated,
                     Some(DiskState::Inconsistent) => DiskStatus::Inconsistent,
+                    None if s.disk == DISK_DISKLESS => DiskStatus::Diskless,
                     None => DiskStatus::Unknown,
                 },
             ),
@@ -525,7 +603,11 @@ impl Replicator {
         let sb = m.superblock();
         PeerState {
             primary: self.primary.load(Ordering::SeqCst),
-            disk: sb.disk_state as u8,
+            disk: if self.health.diskless() {
+                DISK_DISKLESS
+            } else {
+                sb.disk_state as u8
+            },
             current: sb.generations.current,
             bitmap: sb.generations.bitmap,
             history: sb.generations.history,
@@ -920,6 +1002,9 @@ impl Replicator {
     /// Decides, once per link (and again while there is no data on either side), what to do
     /// with the peer; afterwards keeps a secondary's generation equal to its primary's.
     async fn evaluate(self: &Arc<Self>, peer: &Arc<Peer>, st: PeerState) {
+        if self.evaluate_diskless(peer, &st).await {
+            return;
+        }
         let current = *lock(&peer.decision);
         match current {
             Some(Decision::NoData) | None => {}
@@ -1025,6 +1110,88 @@ impl Replicator {
                 self.enabled.send_replace(false);
                 self.drop_link(peer, why);
             }
+        }
+    }
+
+    /// Handles a link where either node has no disk; returns true if it did.
+    async fn evaluate_diskless(self: &Arc<Self>, peer: &Arc<Peer>, st: &PeerState) -> bool {
+        let peer_diskless = st.disk == DISK_DISKLESS;
+        let me_diskless = self.health.diskless();
+        if !peer_diskless && !me_diskless {
+            return false;
+        }
+        let before = *lock(&peer.decision);
+        if peer_diskless {
+            // Nothing can be written there: stop sending, and since its disk is gone (or will
+            // come back with unknown contents), everything must be copied when it returns.
+            peer.replicating.store(false, Ordering::SeqCst);
+            if before != Some(Decision::NoData) && !me_diskless {
+                tracing::warn!(peer = %peer.name, "the peer's disk failed: marking the whole device for a full resync");
+                let m = Arc::clone(&self.meta);
+                let primary = self.primary.load(Ordering::SeqCst);
+                let res = tokio::task::spawn_blocking(move || {
+                    let mut s = lock(&m);
+                    if primary && s.superblock().generations.bitmap == 0 {
+                        s.update(start_tracking)?;
+                    }
+                    s.bitmap_mut().set_all();
+                    s.flush_bitmap()
+                })
+                .await;
+                if !matches!(res, Ok(Ok(()))) {
+                    tracing::error!("cannot mark the device for a full resync");
+                }
+            }
+            *lock(&peer.decision) = Some(Decision::NoData);
+        } else if st.disk == DiskState::UpToDate as u8 {
+            // This node has no disk but the peer has the data: everything goes through it.
+            *lock(&peer.decision) = Some(Decision::InSync);
+            peer.replicating.store(true, Ordering::SeqCst);
+        } else {
+            *lock(&peer.decision) = Some(Decision::NoData);
+            peer.replicating.store(false, Ordering::SeqCst);
+        }
+        lock(&self.view).resync = None;
+        peer.decided.notify_waiters();
+        self.set_connection(Connection::Connected);
+        self.changed.notify_one();
+        true
+    }
+
+    /// The local disk was detached: tell the peer.
+    pub async fn local_disk_failed(&self) {
+        if let Some(p) = self.current_peer() {
+            let _ = p.send_meta(&Msg::State(self.local_state())).await;
+        }
+    }
+
+    /// A diskless primary reads through its peer.
+    pub async fn read_from_peer(&self, offset: u64, len: usize) -> Result<IoBuf, StorageError> {
+        let fail = |why: &str| eio("read", offset, len as u64, why);
+        let p = self
+            .replicating_peer()
+            .await
+            .ok_or_else(|| fail("the local disk failed and no peer holds the data"))?;
+        let id = p.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut g = lock(&p.inner);
+            if g.dead {
+                return Err(fail("the local disk failed and the peer link is down"));
+            }
+            g.reads.insert(id, tx);
+        }
+        p.send_data(&Msg::ReadRequest {
+            id,
+            offset,
+            len: len as u32,
+        })
+        .await
+        .map_err(|e| fail(&e))?;
+        match rx.await {
+            Ok((0, data)) if data.len() == len => Ok(data),
+            Ok((errno, _)) => Err(fail(&format!("the peer failed the read (errno {errno})"))),
+            Err(_) => Err(fail("the peer link went down during the read")),
         }
     }
 
@@ -1154,6 +1321,21 @@ impl Replicator {
         }
     }
 
+    /// Runs a local disk operation unless the disk is detached; a device error detaches it.
+    async fn local<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        if self.health.diskless() {
+            return Err(eio("write", 0, 0, "disk detached"));
+        }
+        let res = op.await;
+        if let Err(e) = &res {
+            self.health.check(e);
+        }
+        res
+    }
+
     fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), String> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -1195,7 +1377,7 @@ impl Replicator {
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, data.len() as u64).await?;
-                    let res = me.disk.write(offset, data, fua).await;
+                    let res = me.local(me.disk.write(offset, data, fua)).await;
                     drop(t);
                     let errno = match res {
                         Ok(()) => 0,
@@ -1223,8 +1405,10 @@ impl Replicator {
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
                     let res = match zero {
-                        Some(may_trim) => me.disk.write_zeroes(offset, len, may_trim).await,
-                        None => me.disk.trim(offset, len).await,
+                        Some(may_trim) => {
+                            me.local(me.disk.write_zeroes(offset, len, may_trim)).await
+                        }
+                        None => me.local(me.disk.trim(offset, len)).await,
                     };
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
@@ -1236,7 +1420,7 @@ impl Replicator {
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
-                    let res = me.disk.flush().await;
+                    let res = me.local(me.disk.flush()).await;
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
                     p.send_meta(&Msg::Flushed { id, errno }).await
@@ -1251,7 +1435,7 @@ impl Replicator {
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
-                    let res = me.disk.write(offset, data, false).await;
+                    let res = me.local(me.disk.write(offset, data, false)).await;
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
                     if errno == 0 {
@@ -1281,6 +1465,41 @@ impl Replicator {
                     drop(t);
                     res
                 })))
+            }
+            Msg::ReadRequest { id, offset, len } => {
+                self.check_range("a read request", offset, u64::from(len))?;
+                if len > crate::nbd::server::MAX_PAYLOAD {
+                    return Err(format!("peer asked to read {len} bytes at once"));
+                }
+                let mut t = self.conflicts.register(offset, u64::from(len));
+                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                Ok(Some(Box::pin(async move {
+                    t.wait().await;
+                    let res = if me.health.diskless() {
+                        Err(eio("read", offset, u64::from(len), "disk detached"))
+                    } else {
+                        me.disk.read(offset, len as usize).await
+                    };
+                    drop(t);
+                    let reply = match res {
+                        Ok(data) => Msg::ReadReply { id, errno: 0, data },
+                        Err(e) => {
+                            me.health.check(&e);
+                            Msg::ReadReply {
+                                id,
+                                errno: e.errno() as u32,
+                                data: IoBuf::default(),
+                            }
+                        }
+                    };
+                    p.send_data(&reply).await
+                })))
+            }
+            Msg::ReadReply { id, errno, data } => {
+                if let Some(tx) = lock(&peer.inner).reads.remove(&id) {
+                    let _ = tx.send((errno, data));
+                }
+                Ok(None)
             }
             Msg::VerifyRequest { id, offset, len } => {
                 self.check_range("a verify request", offset, u64::from(len))?;
@@ -1659,11 +1878,37 @@ impl Replicator {
 pub struct ReplicatedDisk {
     disk: Arc<Disk>,
     repl: Option<Arc<Replicator>>,
+    health: Arc<DiskHealth>,
 }
 
 impl ReplicatedDisk {
-    pub fn new(disk: Arc<Disk>, repl: Option<Arc<Replicator>>) -> ReplicatedDisk {
-        ReplicatedDisk { disk, repl }
+    pub fn new(
+        disk: Arc<Disk>,
+        repl: Option<Arc<Replicator>>,
+        health: Arc<DiskHealth>,
+    ) -> ReplicatedDisk {
+        ReplicatedDisk { disk, repl, health }
+    }
+
+    /// Runs a local operation; a device error detaches the disk (and is returned).
+    async fn local<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let res = op.await;
+        if let Err(e) = &res {
+            self.health.check(e);
+        }
+        res
+    }
+
+    /// The peer's errno for a replicated operation, waiting for it even under protocols A
+    /// and B (used when there is no local copy). `None` if the link went down first.
+    async fn peer_result(rx: Option<oneshot::Receiver<u32>>) -> Option<u32> {
+        match rx {
+            Some(rx) => rx.await.ok(),
+            None => Some(0),
+        }
     }
 
     /// Waits for the protocol's acknowledgement of a replicated operation; on any failure the
@@ -1709,6 +1954,7 @@ impl ReplicatedDisk {
     {
         let mut ticket = r.conflicts.register(offset, len);
         ticket.wait().await;
+        let diskless = self.health.diskless();
         let mut wait = None;
         let mut payload = Some(payload);
         if let Some(p) = r.replicating_peer().await {
@@ -1729,6 +1975,27 @@ impl ReplicatedDisk {
                 wait = Some(rx);
             }
         }
+        if diskless {
+            // No local copy: the operation exists only if the peer confirms it.
+            drop(ticket);
+            let Some(rx) = wait else {
+                return Err(eio(
+                    "write",
+                    offset,
+                    len,
+                    "the local disk failed and no peer holds the data",
+                ));
+            };
+            return match Self::peer_result(rx).await {
+                Some(0) => Ok(()),
+                _ => Err(eio(
+                    "write",
+                    offset,
+                    len,
+                    "the local disk failed and the peer did not confirm the write",
+                )),
+            };
+        }
         if wait.is_none() {
             r.marker
                 .mark(offset, len)
@@ -1738,9 +2005,18 @@ impl ReplicatedDisk {
         let Some(payload) = payload else {
             unreachable!("the payload is always handed back")
         };
-        let res = local(payload).await;
+        let res = self.local(local(payload)).await;
         drop(ticket);
-        res?;
+        if let Err(e) = res {
+            // The disk just failed. If the peer has the write, it is not lost.
+            return match wait {
+                Some(rx) if self.health.diskless() => match Self::peer_result(rx).await {
+                    Some(0) => Ok(()),
+                    _ => Err(e),
+                },
+                _ => Err(e),
+            };
+        }
         match wait {
             Some(rx) => Self::confirm(r, rx, offset, len).await,
             None => Ok(()),
@@ -1758,7 +2034,22 @@ impl Backend for ReplicatedDisk {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<IoBuf, StorageError> {
-        self.disk.read(offset, len).await
+        if !self.health.diskless() {
+            match self.local(self.disk.read(offset, len)).await {
+                Ok(data) => return Ok(data),
+                Err(e) if !self.health.diskless() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        match &self.repl {
+            Some(r) => r.read_from_peer(offset, len).await,
+            None => Err(eio(
+                "read",
+                offset,
+                len as u64,
+                "the disk failed and there is no peer",
+            )),
+        }
     }
 
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), StorageError> {
@@ -1787,12 +2078,32 @@ impl Backend for ReplicatedDisk {
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
-        self.disk.flush().await?;
+        let local = if self.health.diskless() {
+            Err(eio("flush", 0, 0, "the local disk failed"))
+        } else {
+            self.local(self.disk.flush()).await
+        };
+        let diskless = self.health.diskless();
+        if !diskless {
+            local?;
+        }
+        let no_peer = || {
+            if diskless {
+                Err(eio(
+                    "flush",
+                    0,
+                    0,
+                    "the local disk failed and there is no peer",
+                ))
+            } else {
+                Ok(())
+            }
+        };
         let Some(r) = &self.repl else {
-            return Ok(());
+            return no_peer();
         };
         let Some(p) = r.replicating_peer().await else {
-            return Ok(());
+            return no_peer();
         };
         let (tx, rx) = oneshot::channel();
         let id = p.next_id.fetch_add(1, Ordering::Relaxed);
@@ -1807,9 +2118,18 @@ impl Backend for ReplicatedDisk {
             r.drop_link(&p, &e);
             return Ok(());
         }
-        // A lost link leaves the peer to be resynced; the local flush is what was promised.
-        let _ = rx.await;
-        Ok(())
+        // A lost link leaves the peer to be resynced; the local flush is what was promised
+        // (without a local disk, the peer's flush is).
+        match rx.await {
+            Ok(0) => Ok(()),
+            _ if diskless => Err(eio(
+                "flush",
+                0,
+                0,
+                "the local disk failed and the peer did not flush",
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), StorageError> {

@@ -13,6 +13,7 @@
 //! A flush (and a FUA write) completes only once the data is durable (`fdatasync`).
 
 mod buf;
+pub mod fault;
 mod sync;
 mod uring;
 
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use buf::IoBuf;
+pub use fault::{FaultSpec, Faults};
 pub use sync::SyncBackend;
 pub use uring::UringBackend;
 
@@ -127,10 +129,37 @@ impl EngineChoice {
     }
 }
 
-/// A data disk opened with the engine chosen at start-up.
-pub enum Disk {
+/// The engine chosen at start-up.
+pub enum Engine {
     Uring(UringBackend),
     Sync(SyncBackend),
+}
+
+/// A data disk: its engine, and, in tests, injected faults.
+pub struct Disk {
+    engine: Engine,
+    faults: Option<Faults>,
+}
+
+impl Disk {
+    /// Makes this disk fail as `spec` says (tests only).
+    pub fn with_faults(mut self, spec: FaultSpec) -> Disk {
+        tracing::warn!(faults = %spec, "fault injection enabled on the data disk (testing only)");
+        self.faults = Some(Faults::new(spec));
+        self
+    }
+
+    fn check(&self, write: bool, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        match &self.faults {
+            Some(f) if f.fails(write, offset, len) => Err(StorageError::Io {
+                op,
+                offset,
+                len,
+                source: io::Error::from_raw_os_error(libc::EIO),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl fmt::Debug for Disk {
@@ -143,67 +172,76 @@ impl fmt::Debug for Disk {
 /// Must be called inside a tokio runtime (the io_uring engine spawns its completion reaper).
 pub fn open_disk(path: &Path, limit: Option<u64>, choice: EngineChoice) -> Result<Disk> {
     let file = DiskFile::open(path, limit)?;
-    match choice {
+    let engine = match choice {
         EngineChoice::Sync => {
             tracing::info!(disk = %path.display(), "storage engine: sync (positional IO), as requested");
-            Ok(Disk::Sync(SyncBackend::new(file)))
+            Engine::Sync(SyncBackend::new(file))
         }
-        EngineChoice::Uring => Ok(Disk::Uring(UringBackend::new(file)?)),
+        EngineChoice::Uring => Engine::Uring(UringBackend::new(file)?),
         EngineChoice::Auto => match UringBackend::probe() {
             Ok(()) => {
                 tracing::info!(disk = %path.display(), "storage engine: io_uring");
-                Ok(Disk::Uring(UringBackend::new(file)?))
+                Engine::Uring(UringBackend::new(file)?)
             }
             Err(e) => {
                 tracing::warn!(disk = %path.display(), error = %e,
                     "io_uring unavailable; storage engine: sync (positional IO) fallback");
-                Ok(Disk::Sync(SyncBackend::new(file)))
+                Engine::Sync(SyncBackend::new(file))
             }
         },
-    }
+    };
+    Ok(Disk {
+        engine,
+        faults: None,
+    })
 }
 
 impl Backend for Disk {
     fn engine(&self) -> &'static str {
-        match self {
-            Disk::Uring(b) => b.engine(),
-            Disk::Sync(b) => b.engine(),
+        match &self.engine {
+            Engine::Uring(b) => b.engine(),
+            Engine::Sync(b) => b.engine(),
         }
     }
     fn size(&self) -> u64 {
-        match self {
-            Disk::Uring(b) => b.size(),
-            Disk::Sync(b) => b.size(),
+        match &self.engine {
+            Engine::Uring(b) => b.size(),
+            Engine::Sync(b) => b.size(),
         }
     }
     async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        match self {
-            Disk::Uring(b) => b.read(offset, len).await,
-            Disk::Sync(b) => b.read(offset, len).await,
+        self.check(false, "read", offset, len as u64)?;
+        match &self.engine {
+            Engine::Uring(b) => b.read(offset, len).await,
+            Engine::Sync(b) => b.read(offset, len).await,
         }
     }
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
-        match self {
-            Disk::Uring(b) => b.write(offset, data, fua).await,
-            Disk::Sync(b) => b.write(offset, data, fua).await,
+        self.check(true, "write", offset, data.len() as u64)?;
+        match &self.engine {
+            Engine::Uring(b) => b.write(offset, data, fua).await,
+            Engine::Sync(b) => b.write(offset, data, fua).await,
         }
     }
     async fn flush(&self) -> Result<()> {
-        match self {
-            Disk::Uring(b) => b.flush().await,
-            Disk::Sync(b) => b.flush().await,
+        self.check(true, "flush", 0, 0)?;
+        match &self.engine {
+            Engine::Uring(b) => b.flush().await,
+            Engine::Sync(b) => b.flush().await,
         }
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        match self {
-            Disk::Uring(b) => b.trim(offset, len).await,
-            Disk::Sync(b) => b.trim(offset, len).await,
+        self.check(true, "trim", offset, len)?;
+        match &self.engine {
+            Engine::Uring(b) => b.trim(offset, len).await,
+            Engine::Sync(b) => b.trim(offset, len).await,
         }
     }
     async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
-        match self {
-            Disk::Uring(b) => b.write_zeroes(offset, len, may_trim).await,
-            Disk::Sync(b) => b.write_zeroes(offset, len, may_trim).await,
+        self.check(true, "write_zeroes", offset, len)?;
+        match &self.engine {
+            Engine::Uring(b) => b.write_zeroes(offset, len, may_trim).await,
+            Engine::Sync(b) => b.write_zeroes(offset, len, may_trim).await,
         }
     }
 }

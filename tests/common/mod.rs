@@ -10,6 +10,12 @@
 //!   the stock clients cannot produce (idle clients, pipelining without reading, bad lengths).
 //! - [`BlockStack`] tracks nbdfuse mounts, loop devices and filesystem mounts and undoes them
 //!   in reverse order when dropped.
+//! - [`Background`] is an external command running while the test goes on (a write load),
+//!   killed with its process group when dropped.
+//! - [`Pair`] is a replicated pair of daemons, "alpha" and "beta", each [`PairNode`] with its
+//!   own directory, disk, metadata, ports and resource file; optionally with a [`FaultProxy`]
+//!   on the peer link, which can go silent, cut the connections, refuse new ones, or flip one
+//!   bit in a replicated write.
 
 // Every test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
@@ -1240,6 +1246,13 @@ impl Background {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
+        }
+    }
+
+    /// Sends SIGINT to the command's main process only (it stops its helpers itself).
+    pub fn interrupt(&self) {
+        if let Some(c) = self.child.as_ref() {
+            signal_child(c, Signal::SIGINT);
         }
     }
 

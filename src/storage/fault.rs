@@ -1,0 +1,163 @@
+//! Fault injection for tests: make a disk fail on purpose.
+//!
+//! Selected per node in the resource file (`disk_faults = "..."`, for testing only), as
+//! comma-separated settings:
+//!
+//! * `after=N`: the first N operations succeed, every later one fails;
+//! * `ranges=A+L;B+M`: operations touching `[A, A+L)` or `[B, B+M)` fail (byte offsets);
+//! * `ops=read|write|all`: which operations may fail (default `all`; flush counts as a write).
+//!
+//! With both `after` and `ranges`, an operation fails when either says so. Failures are
+//! `EIO`, as a dying disk reports them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// What to break.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultSpec {
+    pub after_ops: Option<u64>,
+    pub ranges: Vec<(u64, u64)>,
+    pub reads: bool,
+    pub writes: bool,
+}
+
+impl fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(n) = self.after_ops {
+            parts.push(format!("after={n}"));
+        }
+        if !self.ranges.is_empty() {
+            let r: Vec<String> = self
+                .ranges
+                .iter()
+                .map(|(a, l)| format!("{a}+{l}"))
+                .collect();
+            parts.push(format!("ranges={}", r.join(";")));
+        }
+        parts.push(
+            match (self.reads, self.writes) {
+                (true, false) => "ops=read",
+                (false, true) => "ops=write",
+                _ => "ops=all",
+            }
+            .to_string(),
+        );
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl FromStr for FaultSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FaultSpec, String> {
+        let mut spec = FaultSpec {
+            after_ops: None,
+            ranges: Vec::new(),
+            reads: true,
+            writes: true,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?}: expected key=value"))?;
+            match k.trim() {
+                "after" => {
+                    spec.after_ops = Some(
+                        v.trim()
+                            .parse()
+                            .map_err(|_| format!("after={v}: not a number"))?,
+                    )
+                }
+                "ranges" => {
+                    for r in v.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+                        let (a, l) = r
+                            .split_once('+')
+                            .ok_or_else(|| format!("range {r:?}: expected OFFSET+LENGTH"))?;
+                        let a: u64 = a
+                            .trim()
+                            .parse()
+                            .map_err(|_| format!("range {r:?}: bad offset"))?;
+                        let l: u64 = l
+                            .trim()
+                            .parse()
+                            .map_err(|_| format!("range {r:?}: bad length"))?;
+                        spec.ranges.push((a, l));
+                    }
+                }
+                "ops" => {
+                    (spec.reads, spec.writes) = match v.trim() {
+                        "read" => (true, false),
+                        "write" => (false, true),
+                        "all" => (true, true),
+                        o => return Err(format!("ops={o}: expected read, write or all")),
+                    }
+                }
+                other => return Err(format!("unknown setting {other:?} (after, ranges, ops)")),
+            }
+        }
+        if spec.after_ops.is_none() && spec.ranges.is_empty() {
+            return Err("nothing to inject: give after=N and/or ranges=OFFSET+LENGTH".into());
+        }
+        Ok(spec)
+    }
+}
+
+/// A live injector: the spec and an operation counter.
+#[derive(Debug)]
+pub struct Faults {
+    spec: FaultSpec,
+    ops: AtomicU64,
+}
+
+impl Faults {
+    pub fn new(spec: FaultSpec) -> Faults {
+        Faults {
+            spec,
+            ops: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this operation fails.
+    pub fn fails(&self, write: bool, offset: u64, len: u64) -> bool {
+        if (write && !self.spec.writes) || (!write && !self.spec.reads) {
+            return false;
+        }
+        let n = self.ops.fetch_add(1, Ordering::Relaxed);
+        if self.spec.after_ops.is_some_and(|after| n >= after) {
+            return true;
+        }
+        let end = offset.saturating_add(len.max(1));
+        self.spec
+            .ranges
+            .iter()
+            .any(|&(a, l)| a < end && offset < a.saturating_add(l))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_apply() {
+        let s: FaultSpec = "after=2,ops=write".parse().expect("parse");
+        let f = Faults::new(s.clone());
+        assert!(!f.fails(false, 0, 1), "reads never fail with ops=write");
+        assert!(!f.fails(true, 0, 1));
+        assert!(!f.fails(true, 0, 1));
+        assert!(f.fails(true, 0, 1));
+        assert_eq!(s.to_string(), "after=2,ops=write");
+        let r: FaultSpec = "ranges=4096+4096;1048576+512".parse().expect("parse");
+        let f = Faults::new(r);
+        assert!(!f.fails(false, 0, 4096));
+        assert!(f.fails(false, 8191, 1));
+        assert!(f.fails(true, 1048000, 1000));
+        assert!(!f.fails(true, 1048576 + 512, 10));
+        for bad in ["", "after=x", "ranges=5", "ops=some", "what=1", "ranges=1+"] {
+            assert!(bad.parse::<FaultSpec>().is_err(), "{bad:?}");
+        }
+    }
+}
