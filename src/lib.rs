@@ -12,6 +12,8 @@ pub mod bitmap;
 pub mod config;
 pub mod control;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod meta;
 pub mod nbd;
 pub mod node;

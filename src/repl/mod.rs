@@ -187,10 +187,14 @@ pub struct DirtyMarker {
     meta: Arc<Mutex<MetaStore>>,
     primary: Arc<AtomicBool>,
     tx: mpsc::UnboundedSender<MarkRequest>,
+    /// Signalled after every durable mark: a link that is up must copy what was marked.
+    marked: Arc<Notify>,
 }
 
 impl DirtyMarker {
     fn spawn(meta: Arc<Mutex<MetaStore>>, primary: Arc<AtomicBool>) -> DirtyMarker {
+        let marked = Arc::new(Notify::new());
+        let kick = Arc::clone(&marked);
         let (tx, mut rx) = mpsc::unbounded_channel::<MarkRequest>();
         let m = Arc::clone(&meta);
         let p = Arc::clone(&primary);
@@ -215,12 +219,18 @@ impl DirtyMarker {
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
+                kick.notify_one();
                 for (_, _, done) in batch {
                     let _ = done.send(res.clone());
                 }
             }
         });
-        DirtyMarker { meta, primary, tx }
+        DirtyMarker {
+            meta,
+            primary,
+            tx,
+            marked,
+        }
     }
 
     /// Returns once `[offset, offset+len)` is marked out of sync on disk.
@@ -430,6 +440,10 @@ pub struct Replicator {
     resynced: AtomicU64,
     changed: Arc<Notify>,
     events: mpsc::UnboundedSender<ReplEvent>,
+    /// Marking of the writes a dead link left unconfirmed; the next link waits for it.
+    orphan_marks: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// A resync is running on this node (as source).
+    resyncing: AtomicBool,
     /// Set by `connect --discard-my-data`: this node gives up its data in a split brain.
     discard_my_data: AtomicBool,
     /// Open while this node, having lost a split brain, saves what the resync overwrites.
@@ -475,6 +489,8 @@ impl Replicator {
             resynced: AtomicU64::new(0),
             changed,
             events,
+            orphan_marks: Mutex::new(None),
+            resyncing: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             recovery: Mutex::new(None),
             incoming: tokio::sync::Mutex::new(incoming),
@@ -718,13 +734,18 @@ impl Replicator {
         self.set_error(Some(why.to_string()));
         if !orphans.is_empty() {
             let me = self.marker_handle();
-            tokio::spawn(async move {
-                for (o, l) in orphans {
-                    if let Err(e) = me.mark(o, l).await {
-                        tracing::error!(error = %e, "cannot mark unconfirmed writes out of sync");
+            let task = tokio::spawn(async move {
+                let marks = orphans.into_iter().map(|(o, l)| {
+                    let me = &me;
+                    async move {
+                        if let Err(e) = me.mark(o, l).await {
+                            tracing::error!(error = %e, "cannot mark unconfirmed writes out of sync");
+                        }
                     }
-                }
+                });
+                futures_util::future::join_all(marks).await;
             });
+            *lock(&self.orphan_marks) = Some(task);
         }
         self.changed.notify_one();
     }
@@ -734,6 +755,7 @@ impl Replicator {
             meta: Arc::clone(&self.marker.meta),
             primary: Arc::clone(&self.marker.primary),
             tx: self.marker.tx.clone(),
+            marked: Arc::clone(&self.marker.marked),
         }
     }
 
@@ -778,6 +800,12 @@ impl Replicator {
                 continue;
             }
             self.set_connection(Connection::Connecting);
+            // Writes the last link left unconfirmed must be in the bitmap before a new link
+            // decides what to copy.
+            let pending = lock(&self.orphan_marks).take();
+            if let Some(task) = pending {
+                let _ = task.await;
+            }
             let attempt = tokio::select! {
                 r = self.establish() => r,
                 _ = enabled.changed() => continue,
@@ -883,6 +911,11 @@ impl Replicator {
             let p = Arc::clone(&peer);
             tasks.spawn(async move { me.heartbeat(p).await });
         }
+        {
+            let me = Arc::clone(self);
+            let p = Arc::clone(&peer);
+            tasks.spawn(async move { me.copy_late_marks(p).await });
+        }
         let first = self.local_state();
         *lock(&peer.sent) = Some(first);
         let why = match peer.send_meta(&Msg::State(first)).await {
@@ -910,6 +943,43 @@ impl Replicator {
 
     /// Pings every `interval`, and ends the link the moment `timeout` has passed without any
     /// frame from the peer (the deadline is tracked exactly, not at ping ticks).
+    /// Ranges marked out of sync while the link is up and in sync (a write that raced the
+    /// link's coming up, a write the peer failed) are copied at once, not at the next
+    /// reconnect. Only the primary copies; it is the one whose writes get marked.
+    async fn copy_late_marks(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
+        let mut closed = peer.closed.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.marker.marked.notified() => {}
+                _ = peer.decided.notified() => {}
+                _ = closed.wait_for(|c| *c) => return Ok(()),
+            }
+            self.start_catch_up(&peer);
+        }
+    }
+
+    fn start_catch_up(self: &Arc<Self>, peer: &Arc<Peer>) {
+        let in_sync = *lock(&peer.decision) == Some(Decision::InSync);
+        let dirty = lock(&self.meta).bitmap().dirty_bytes() > 0;
+        if !in_sync
+            || !dirty
+            || !self.primary.load(Ordering::SeqCst)
+            || peer.is_dead()
+            || self.resyncing.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        tracing::info!(peer = %peer.name, "regions were marked out of sync while connected: resyncing them");
+        *lock(&peer.decision) = Some(Decision::Source { full: false });
+        self.set_connection(Connection::SyncSource);
+        let (me, p) = (Arc::clone(self), Arc::clone(peer));
+        tokio::spawn(async move {
+            if let Err(e) = me.resync_source_inner(&p, false, false).await {
+                me.drop_link(&p, &format!("resync failed: {e}"));
+            }
+        });
+    }
+
     async fn heartbeat(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
         let mut tick = tokio::time::interval(self.set.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1667,68 +1737,80 @@ impl Replicator {
         let g = u64::from(lock(&self.meta).bitmap().granularity());
         let started = Instant::now();
         let mut report = VerifyReport::default();
-        let mut pending = FuturesUnordered::new();
-        let mut offset = 0u64;
-        loop {
-            while pending.len() < 8 && offset < self.size {
-                let off = offset;
-                let len = (self.size - off).min(RESYNC_CHUNK);
-                offset += len;
-                let (me, p) = (Arc::clone(self), Arc::clone(&peer));
-                pending.push(async move {
-                    let mut t = me.conflicts.register(off, len);
-                    t.wait().await;
-                    let id = p.next_id.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = oneshot::channel();
-                    {
-                        let mut gi = lock(&p.inner);
-                        if gi.dead {
-                            return Err("link lost during verify".to_string());
+        // What verify marks is resynced once it is done, not piecemeal meanwhile.
+        *lock(&peer.decision) = Some(Decision::Source { full: false });
+        let scanned: Result<(), String> = async {
+            let mut pending = FuturesUnordered::new();
+            let mut offset = 0u64;
+            loop {
+                while pending.len() < 8 && offset < self.size {
+                    let off = offset;
+                    let len = (self.size - off).min(RESYNC_CHUNK);
+                    offset += len;
+                    let (me, p) = (Arc::clone(self), Arc::clone(&peer));
+                    pending.push(async move {
+                        let mut t = me.conflicts.register(off, len);
+                        t.wait().await;
+                        let id = p.next_id.fetch_add(1, Ordering::Relaxed);
+                        let (tx, rx) = oneshot::channel();
+                        {
+                            let mut gi = lock(&p.inner);
+                            if gi.dead {
+                                return Err("link lost during verify".to_string());
+                            }
+                            gi.verifies.insert(id, tx);
                         }
-                        gi.verifies.insert(id, tx);
-                    }
-                    p.send_data(&Msg::VerifyRequest {
-                        id,
-                        offset: off,
-                        len: len as u32,
-                    })
-                    .await?;
-                    let local = me
-                        .disk
-                        .read(off, len as usize)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let mine = me.chunk_crcs(&local);
-                    let theirs = rx
-                        .await
-                        .map_err(|_| "link lost during verify".to_string())?;
-                    drop(t);
-                    if theirs.len() != mine.len() {
-                        return Err(
-                            "peer answered verify with the wrong number of checksums".into()
-                        );
-                    }
-                    let diff: Vec<u64> = mine
-                        .iter()
-                        .zip(&theirs)
-                        .enumerate()
-                        .filter(|(_, (a, b))| a != b)
-                        .map(|(i, _)| off + i as u64 * g)
-                        .collect();
-                    Ok::<(u64, Vec<u64>), String>((len, diff))
-                });
+                        p.send_data(&Msg::VerifyRequest {
+                            id,
+                            offset: off,
+                            len: len as u32,
+                        })
+                        .await?;
+                        let local = me
+                            .disk
+                            .read(off, len as usize)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let mine = me.chunk_crcs(&local);
+                        let theirs = rx
+                            .await
+                            .map_err(|_| "link lost during verify".to_string())?;
+                        drop(t);
+                        if theirs.len() != mine.len() {
+                            return Err(
+                                "peer answered verify with the wrong number of checksums".into()
+                            );
+                        }
+                        let diff: Vec<u64> = mine
+                            .iter()
+                            .zip(&theirs)
+                            .enumerate()
+                            .filter(|(_, (a, b))| a != b)
+                            .map(|(i, _)| off + i as u64 * g)
+                            .collect();
+                        Ok::<(u64, Vec<u64>), String>((len, diff))
+                    });
+                }
+                let Some(res) = pending.next().await else {
+                    break;
+                };
+                let (len, diff) = res?;
+                report.checked_bytes += len;
+                for block in diff {
+                    let l = g.min(self.size - block);
+                    self.marker.mark(block, l).await?;
+                    report.differing_blocks += 1;
+                    report.differing_bytes += l;
+                }
             }
-            let Some(res) = pending.next().await else {
-                break;
-            };
-            let (len, diff) = res?;
-            report.checked_bytes += len;
-            for block in diff {
-                let l = g.min(self.size - block);
-                self.marker.mark(block, l).await?;
-                report.differing_blocks += 1;
-                report.differing_bytes += l;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = scanned {
+            if *lock(&peer.decision) == Some(Decision::Source { full: false }) {
+                *lock(&peer.decision) = Some(Decision::InSync);
             }
+            return Err(e);
         }
         report.seconds = started.elapsed().as_secs_f64();
         tracing::info!(
@@ -1736,8 +1818,9 @@ impl Replicator {
             differing_blocks = report.differing_blocks,
             "online verify finished"
         );
-        if report.differing_blocks > 0 {
-            *lock(&peer.decision) = Some(Decision::Source { full: false });
+        if report.differing_blocks == 0 {
+            *lock(&peer.decision) = Some(Decision::InSync);
+        } else {
             self.set_connection(Connection::SyncSource);
             let (me, p) = (Arc::clone(self), Arc::clone(&peer));
             tokio::spawn(async move {
@@ -1755,6 +1838,16 @@ impl Replicator {
         full: bool,
         wait_for_bitmap: bool,
     ) -> Result<(), String> {
+        if self.resyncing.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&self.resyncing);
         // The target first sends the regions it knows differ; they join ours.
         loop {
             let notified = peer.bitmap_done.notified();
