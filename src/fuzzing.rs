@@ -835,6 +835,9 @@ fn handshake(rig: &PeerRig, stream: &[u8]) {
 /// Bit 2 set: the harness repairs checksums (of every 4 KiB block that starts with a slot or
 /// locator magic, of the bitmap pages behind a slot pair unless bit 3 is set, and of a
 /// recovery file's header and records), so mutations reach the checks behind them.
+/// Bit 4 set (modes 1 and 2): the input is compact: each [`COMPACT_BLOCK`] bytes of it make
+/// one 4 KiB block of the file, the rest of the block zero (the meaningful part of a slot, a
+/// locator or a bitmap page comes first), so inputs stay small while files span many blocks.
 ///
 /// Checked: errors, never panics; a decoded superblock re-encodes to the fields it was read
 /// from; an opened store is consistent with its superblock and fits its file; recovery
@@ -845,12 +848,50 @@ pub fn metadata(data: &[u8]) {
     };
     let repair = sel & 4 != 0;
     let pages = sel & 8 == 0;
+    let file = || {
+        if sel & 16 != 0 {
+            expand_blocks(rest)
+        } else {
+            rest.to_vec()
+        }
+    };
     match sel & 3 {
         0 => superblock_slot(rest, repair),
-        1 => meta_store(rest, repair, pages, false),
-        2 => meta_store(rest, repair, pages, true),
+        1 => meta_store(file(), repair, pages, false),
+        2 => meta_store(file(), repair, pages, true),
         _ => recovery_file(rest, repair),
     }
+}
+
+/// Bytes of a compact metadata input that make one 4 KiB block (see [`metadata`]).
+pub const COMPACT_BLOCK: usize = 512;
+
+/// Expands a compact input: each [`COMPACT_BLOCK`] bytes (the last piece may be shorter)
+/// become the start of a zero-filled 4 KiB block.
+fn expand_blocks(compact: &[u8]) -> Vec<u8> {
+    let mut file = Vec::with_capacity(compact.len().div_ceil(COMPACT_BLOCK) * SLOT_SIZE);
+    for piece in compact.chunks(COMPACT_BLOCK) {
+        let at = file.len();
+        file.resize(at + SLOT_SIZE, 0);
+        file[at..at + piece.len()].copy_from_slice(piece);
+    }
+    file
+}
+
+/// The inverse of [`expand_blocks`] for a file whose blocks are zero past their first
+/// [`COMPACT_BLOCK`] bytes (as fresh metadata is); `None` otherwise.
+fn compact_blocks(file: &[u8]) -> Option<Vec<u8>> {
+    if file.len() % SLOT_SIZE != 0 {
+        return None;
+    }
+    let mut out = Vec::new();
+    for block in file.chunks(SLOT_SIZE) {
+        if block[COMPACT_BLOCK..].iter().any(|&b| b != 0) {
+            return None;
+        }
+        out.extend_from_slice(&block[..COMPACT_BLOCK]);
+    }
+    Some(out)
 }
 
 /// CRC32C of a 4096-byte block with its CRC field (bytes 12..16) taken as zero.
@@ -949,8 +990,7 @@ fn superblock_slot(rest: &[u8], repair: bool) {
     }
 }
 
-fn meta_store(rest: &[u8], repair: bool, pages: bool, internal: bool) {
-    let mut bytes = rest.to_vec();
+fn meta_store(mut bytes: Vec<u8>, repair: bool, pages: bool, internal: bool) {
     if repair {
         repair_area(&mut bytes, pages);
     }
@@ -1401,9 +1441,11 @@ fn metadata_seeds() -> Vec<(String, Vec<u8>)> {
     sb.disk_state = meta::DiskState::UpToDate;
     sb.generations.current = 9;
     sb.activity = vec![0, 3];
-    for sel in [0u8, 4] {
+    let slot = sb.encode(5);
+    let used = slot.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    for (sel, bytes) in [(0u8, &slot[..]), (4, &slot[..used])] {
         let mut s = vec![sel];
-        s.extend_from_slice(&sb.encode(5));
+        s.extend_from_slice(bytes);
         seeds.push((format!("slot-{sel}"), s));
     }
 
@@ -1421,10 +1463,11 @@ fn metadata_seeds() -> Vec<(String, Vec<u8>)> {
     store.flush_bitmap().expect("flush bitmap");
     drop(store);
     let bytes = std::fs::read(&ext).expect("read metadata");
-    for sel in [1u8, 5, 13] {
+    let compact = compact_blocks(&bytes).expect("fresh metadata is compact");
+    for sel in [17u8, 21, 29] {
         let mut s = vec![sel];
-        s.extend_from_slice(&bytes);
-        seeds.push((format!("external-{sel}"), s));
+        s.extend_from_slice(&compact);
+        seeds.push((format!("external-compact-{sel}"), s));
     }
 
     let disk = dir.path().join("disk.img");
@@ -1434,10 +1477,11 @@ fn metadata_seeds() -> Vec<(String, Vec<u8>)> {
     let loc = MetaLocation::Internal { disk: disk.clone() };
     drop(MetaStore::create(&loc, params, false).expect("create internal metadata"));
     let bytes = std::fs::read(&disk).expect("read disk");
-    for sel in [2u8, 6] {
+    let compact = compact_blocks(&bytes).expect("fresh metadata is compact");
+    for sel in [18u8, 22] {
         let mut s = vec![sel];
-        s.extend_from_slice(&bytes);
-        seeds.push((format!("internal-{sel}"), s));
+        s.extend_from_slice(&compact);
+        seeds.push((format!("internal-compact-{sel}"), s));
     }
 
     let mut w = recovery::RecoveryWriter::create(dir.path(), EXPORT_NAME, "beta", 1 << 20, 4096)

@@ -97,6 +97,17 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Sends several messages in one write (small messages: acknowledgements).
+    pub async fn send_batch(&mut self, msgs: &[Msg]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(msgs.len() * 48);
+        for m in msgs {
+            buf.extend_from_slice(&wire::encode(m, self.seq));
+            buf.extend_from_slice(m.data());
+            self.seq += 1;
+        }
+        self.w.write_all(&buf).await
+    }
+
     pub async fn shutdown(&mut self) {
         let _ = self.w.shutdown().await;
     }

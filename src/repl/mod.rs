@@ -179,7 +179,10 @@ fn start_tracking(sb: &mut Superblock) {
 /// A request to the bitmap writer: a range, and where to report that it is durable.
 type MarkRequest = (u64, u64, oneshot::Sender<Result<(), String>>);
 /// Work the peer applies concurrently with reading the next frames.
-type ApplyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+/// Its output is the acknowledgement to send on the meta connection, if any: the data loop
+/// sends every acknowledgement ready at one moment in a single write.
+type ApplyFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Msg>, String>> + Send>>;
 
 /// Marks ranges out of sync in the persistent bitmap, batching concurrent requests into one
 /// durable write (group commit).
@@ -320,6 +323,15 @@ impl Peer {
             .send(msg)
             .await
             .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
+    }
+
+    async fn send_meta_batch(&self, msgs: &[Msg]) -> Result<(), String> {
+        self.meta
+            .lock()
+            .await
+            .send_batch(msgs)
+            .await
+            .map_err(|e| format!("sending acknowledgements to the peer: {e}"))
     }
 
     async fn send_meta(&self, msg: &Msg) -> Result<(), String> {
@@ -1379,7 +1391,17 @@ impl Replicator {
         loop {
             tokio::select! {
                 biased;
-                Some(res) = inflight.next(), if !inflight.is_empty() => res?,
+                Some(res) = inflight.next(), if !inflight.is_empty() => {
+                    let mut acks: Vec<Msg> = res?.into_iter().collect();
+                    while let Some(Some(more)) =
+                        futures_util::FutureExt::now_or_never(inflight.next())
+                    {
+                        acks.extend(more?);
+                    }
+                    if !acks.is_empty() {
+                        peer.send_meta_batch(&acks).await?;
+                    }
+                }
                 msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
                     let msg = msg.map_err(|e| e.to_string())?;
                     peer.touch();
@@ -1443,7 +1465,7 @@ impl Replicator {
                     peer.send_meta(&Msg::Received { id }).await?;
                 }
                 let mut t = self.conflicts.register(offset, data.len() as u64);
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let me = Arc::clone(self);
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, data.len() as u64).await?;
@@ -1456,7 +1478,7 @@ impl Replicator {
                             e.errno() as u32
                         }
                     };
-                    p.send_meta(&Msg::Written { id, errno }).await
+                    Ok(Some(Msg::Written { id, errno }))
                 })))
             }
             Msg::Trim { id, offset, len }
@@ -1470,7 +1492,7 @@ impl Replicator {
                     _ => None,
                 };
                 let mut t = self.conflicts.register(offset, len);
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let me = Arc::clone(self);
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
@@ -1482,18 +1504,18 @@ impl Replicator {
                     };
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
-                    p.send_meta(&Msg::Written { id, errno }).await
+                    Ok(Some(Msg::Written { id, errno }))
                 })))
             }
             Msg::Flush { id } => {
                 let mut t = self.conflicts.barrier();
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let me = Arc::clone(self);
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     let res = me.local(me.disk.flush()).await;
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
-                    p.send_meta(&Msg::Flushed { id, errno }).await
+                    Ok(Some(Msg::Flushed { id, errno }))
                 })))
             }
             Msg::ResyncData { offset, data } => {
@@ -1501,7 +1523,7 @@ impl Replicator {
                 let len = data.len() as u64;
                 self.check_range("resync data", offset, len)?;
                 let mut t = self.conflicts.register(offset, len);
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let me = Arc::clone(self);
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
@@ -1514,7 +1536,7 @@ impl Replicator {
                             pr.done += len;
                         }
                     }
-                    p.send_meta(&Msg::ResyncAck { offset, len, errno }).await
+                    Ok(Some(Msg::ResyncAck { offset, len, errno }))
                 })))
             }
             Msg::BitmapChunk { first_word, words } => {
@@ -1533,7 +1555,7 @@ impl Replicator {
                     t.wait().await;
                     let res = me.finish_target(&p, current).await;
                     drop(t);
-                    res
+                    res.map(|()| None)
                 })))
             }
             Msg::ReadRequest { id, offset, len } => {
@@ -1562,7 +1584,7 @@ impl Replicator {
                             }
                         }
                     };
-                    p.send_data(&reply).await
+                    p.send_data(&reply).await.map(|()| None)
                 })))
             }
             Msg::ReadReply { id, errno, data } => {
@@ -1577,14 +1599,14 @@ impl Replicator {
                     return Err(format!("peer asked to verify {len} bytes at once"));
                 }
                 let mut t = self.conflicts.register(offset, u64::from(len));
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let me = Arc::clone(self);
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     let data = me.disk.read(offset, len as usize).await;
                     drop(t);
                     let data = data.map_err(|e| format!("verify read failed: {e}"))?;
                     let crcs = me.chunk_crcs(&data);
-                    p.send_meta(&Msg::VerifyReply { id, crcs }).await
+                    Ok(Some(Msg::VerifyReply { id, crcs }))
                 })))
             }
             Msg::Bye { reason } => Err(format!("peer said goodbye: {reason}")),
