@@ -178,7 +178,15 @@ fn dispatch(cmd: Command) -> Result<(), String> {
         Command::Run { node } => {
             let (cfg, me) = load(&node)?;
             twinbd::config::warn_if_world_readable(&node.config);
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = std::env::var("TWINBD_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+            {
+                builder.worker_threads(n);
+            }
+            let rt = builder
                 .enable_all()
                 .thread_name("twinbd")
                 .build()

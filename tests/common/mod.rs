@@ -29,7 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -1301,6 +1301,14 @@ impl Drop for Background {
 const PEER_HEADER_LEN: usize = 24;
 const PEER_KIND_WRITE: u16 = 8;
 const PEER_WRITE_PREFIX: u64 = 17;
+/// The kind of the handshake's first frame, and where its channel byte is in the stream
+/// (`version` u32, then `channel` u8: 0 data, 1 meta).
+const PEER_KIND_HELLO: u16 = 1;
+const PEER_HELLO_CHANNEL_AT: usize = PEER_HEADER_LEN + 4;
+/// What the proxy knows of a connection's channel.
+const CHANNEL_UNKNOWN: u8 = 0;
+const CHANNEL_DATA: u8 = 1;
+const CHANNEL_META: u8 = 2;
 
 /// The one bit the proxy flipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1326,6 +1334,14 @@ struct ProxyCtl {
     corrupted: Mutex<Vec<Corruption>>,
     accepted: AtomicU64,
     conns: Mutex<Vec<TcpStream>>,
+    /// One-direction silence: bytes from the dialing node to the target are held back.
+    blackhole_to_target: AtomicBool,
+    /// One-direction silence: bytes from the target back to the dialing node are held back.
+    blackhole_to_dialer: AtomicBool,
+    /// Silence on the meta connections only (both directions); data connections flow.
+    blackhole_meta: AtomicBool,
+    /// Like `corrupt_min`, for a write going from the target back to the dialing node.
+    corrupt_back_min: AtomicU64,
 }
 
 /// A TCP proxy between the node that dials (the client side) and the listening node (the
@@ -1427,6 +1443,45 @@ impl FaultProxy {
     pub fn accepted(&self) -> u64 {
         self.ctl.accepted.load(Ordering::SeqCst)
     }
+
+    /// Like [`FaultProxy::set_blackhole`], in one direction only: bytes from the dialing node
+    /// to the target are held back (sockets stay open); the other direction flows.
+    pub fn set_blackhole_to_target(&self, on: bool) {
+        self.ctl.blackhole_to_target.store(on, Ordering::SeqCst);
+    }
+
+    /// Like [`FaultProxy::set_blackhole`], in one direction only: bytes from the target back
+    /// to the dialing node are held back (sockets stay open); the other direction flows.
+    pub fn set_blackhole_to_dialer(&self, on: bool) {
+        self.ctl.blackhole_to_dialer.store(on, Ordering::SeqCst);
+    }
+
+    /// On: the meta connection of every link (heartbeats, acknowledgements, state) goes
+    /// silent in both directions, sockets open, while data connections keep flowing. A
+    /// connection is recognised by the channel byte of its handshake's first frame; a new
+    /// meta connection is held back right after that frame. Off: forwarding resumes.
+    pub fn set_blackhole_meta(&self, on: bool) {
+        self.ctl.blackhole_meta.store(on, Ordering::SeqCst);
+    }
+
+    /// Like [`FaultProxy::corrupt_next_write`] (without `then_refuse`), for the next
+    /// replicated write going the other way: from the target back to the dialing node (when
+    /// the target is primary). The corruption is listed by [`FaultProxy::corruptions`].
+    pub fn corrupt_next_write_back(&self, min_data_len: u64) {
+        assert!(
+            min_data_len > 0,
+            "a corruption needs a minimum write length"
+        );
+        self.ctl
+            .corrupt_back_min
+            .store(min_data_len, Ordering::SeqCst);
+    }
+
+    /// Disarms both one-shot corruptions that have not happened yet.
+    pub fn disarm_corruption(&self) {
+        self.ctl.corrupt_min.store(0, Ordering::SeqCst);
+        self.ctl.corrupt_back_min.store(0, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -1482,22 +1537,77 @@ fn proxy_accept_loop(listener: TcpListener, target: SocketAddr, ctl: Arc<ProxyCt
             conns.push(s_keep);
         }
         let (c1, c2) = (Arc::clone(&ctl), Arc::clone(&ctl));
+        let channel = Arc::new(AtomicU8::new(CHANNEL_UNKNOWN));
+        let ch1 = Arc::clone(&channel);
         let _ = thread::Builder::new()
             .name("proxy-fwd".into())
-            .spawn(move || proxy_pump(c_read, s_write, c1, true));
+            .spawn(move || proxy_pump(c_read, s_write, c1, true, ch1));
         let _ = thread::Builder::new()
             .name("proxy-back".into())
-            .spawn(move || proxy_pump(server, client, c2, false));
+            .spawn(move || proxy_pump(server, client, c2, false, channel));
+    }
+}
+
+/// Whether one direction of a connection is silenced right now by a one-direction or a
+/// meta-only blackhole.
+fn proxy_stalled(ctl: &ProxyCtl, forward: bool, channel: &AtomicU8) -> bool {
+    let one_way = if forward {
+        &ctl.blackhole_to_target
+    } else {
+        &ctl.blackhole_to_dialer
+    };
+    one_way.load(Ordering::SeqCst)
+        || (ctl.blackhole_meta.load(Ordering::SeqCst)
+            && channel.load(Ordering::SeqCst) == CHANNEL_META)
+}
+
+/// Learns a connection's channel from the first bytes the dialing node sends (its Hello).
+#[derive(Default)]
+struct ChannelSniffer {
+    head: Vec<u8>,
+    done: bool,
+}
+
+impl ChannelSniffer {
+    fn feed(&mut self, bytes: &[u8], channel: &AtomicU8) {
+        if self.done {
+            return;
+        }
+        let want = PEER_HELLO_CHANNEL_AT + 1 - self.head.len();
+        self.head.extend_from_slice(&bytes[..want.min(bytes.len())]);
+        if self.head.len() <= PEER_HELLO_CHANNEL_AT {
+            return;
+        }
+        self.done = true;
+        let kind = u16::from_be_bytes([self.head[4], self.head[5]]);
+        if kind == PEER_KIND_HELLO {
+            let c = match self.head[PEER_HELLO_CHANNEL_AT] {
+                0 => CHANNEL_DATA,
+                1 => CHANNEL_META,
+                _ => CHANNEL_UNKNOWN,
+            };
+            channel.store(c, Ordering::SeqCst);
+        }
     }
 }
 
 /// Moves bytes from `src` to `dst` until either side closes, the proxy stops or the
 /// connection is cut. While blackholed, neither reads nor writes (bytes held back stay held).
-fn proxy_pump(mut src: TcpStream, mut dst: TcpStream, ctl: Arc<ProxyCtl>, forward: bool) {
+fn proxy_pump(
+    mut src: TcpStream,
+    mut dst: TcpStream,
+    ctl: Arc<ProxyCtl>,
+    forward: bool,
+    channel: Arc<AtomicU8>,
+) {
     let tick = Duration::from_millis(10);
     let _ = src.set_read_timeout(Some(tick));
     let _ = dst.set_write_timeout(Some(tick));
-    let mut frames = FrameTracker::default();
+    let mut frames = FrameTracker {
+        back: !forward,
+        ..FrameTracker::default()
+    };
+    let mut sniffer = ChannelSniffer::default();
     let mut buf = vec![0u8; 64 * 1024];
     let (mut start, mut end) = (0usize, 0usize);
     let close = |a: &TcpStream, b: &TcpStream| {
@@ -1509,7 +1619,7 @@ fn proxy_pump(mut src: TcpStream, mut dst: TcpStream, ctl: Arc<ProxyCtl>, forwar
             close(&src, &dst);
             return;
         }
-        if ctl.blackhole.load(Ordering::SeqCst) {
+        if ctl.blackhole.load(Ordering::SeqCst) || proxy_stalled(&ctl, forward, &channel) {
             thread::sleep(Duration::from_millis(2));
             continue;
         }
@@ -1541,8 +1651,11 @@ fn proxy_pump(mut src: TcpStream, mut dst: TcpStream, ctl: Arc<ProxyCtl>, forwar
             }
             Ok(n) => {
                 if forward {
-                    frames.process(&mut buf[..n], &ctl);
+                    sniffer.feed(&buf[..n], &channel);
                 }
+                // Both directions are followed from their first byte, so frame boundaries
+                // are known whenever a corruption gets armed.
+                frames.process(&mut buf[..n], &ctl);
                 start = 0;
                 end = n;
             }
@@ -1575,9 +1688,20 @@ struct FrameTracker {
     prefix: Vec<u8>,
     /// Index in the current payload of the byte to corrupt.
     target: Option<u64>,
+    /// Follows the direction from the target back to the dialing node (armed by
+    /// `corrupt_back_min` instead of `corrupt_min`).
+    back: bool,
 }
 
 impl FrameTracker {
+    fn corrupt_arm<'a>(&self, ctl: &'a ProxyCtl) -> &'a AtomicU64 {
+        if self.back {
+            &ctl.corrupt_back_min
+        } else {
+            &ctl.corrupt_min
+        }
+    }
+
     fn process(&mut self, buf: &mut [u8], ctl: &ProxyCtl) {
         let mut i = 0;
         while i < buf.len() {
@@ -1597,12 +1721,12 @@ impl FrameTracker {
                 self.pos = 0;
                 self.prefix.clear();
                 self.target = None;
-                let min = ctl.corrupt_min.load(Ordering::SeqCst);
+                let arm = self.corrupt_arm(ctl);
+                let min = arm.load(Ordering::SeqCst);
                 if kind == PEER_KIND_WRITE
                     && min > 0
                     && self.payload_len >= PEER_WRITE_PREFIX + min
-                    && ctl
-                        .corrupt_min
+                    && arm
                         .compare_exchange(min, 0, Ordering::SeqCst, Ordering::SeqCst)
                         .is_ok()
                 {
@@ -1632,7 +1756,7 @@ impl FrameTracker {
                             byte_in_data: t - PEER_WRITE_PREFIX,
                             mask,
                         });
-                    if ctl.refuse_after_corrupt.load(Ordering::SeqCst) {
+                    if !self.back && ctl.refuse_after_corrupt.load(Ordering::SeqCst) {
                         ctl.refuse.store(true, Ordering::SeqCst);
                     }
                 }
@@ -2110,5 +2234,104 @@ impl Pair {
             &self.alpha.disk,
             &self.beta.disk,
         );
+    }
+}
+
+// ---- failover tests ----
+
+/// Additions to a pair's resource files: whole sections after the `[resource]` part (such as
+/// `[failover]` and `[handlers]`), and keys added to one node's `[[node]]` table (such as
+/// `disk_faults`).
+#[derive(Debug, Clone, Default)]
+pub struct PairExtras {
+    pub sections: String,
+    pub alpha_node: String,
+    pub beta_node: String,
+}
+
+impl Pair {
+    /// Rewrites both resource files as [`Pair::write_configs`] does, plus `extras`. A running
+    /// daemon does not reread its file: restart it for a change to apply.
+    pub fn write_configs_with(&self, extras: &PairExtras) {
+        let via = self
+            .proxy
+            .as_ref()
+            .map_or(self.beta.replication, |p| p.addr());
+        let beta_secret = self.opts.beta_secret.as_deref().unwrap_or(PAIR_SECRET);
+        let text = |secret: &str, beta_replication: SocketAddr| {
+            let base = self.config_text(secret, beta_replication);
+            let head = base.find("[[node]]").map_or(base.as_str(), |i| &base[..i]);
+            let mut s = head.trim_end().to_string();
+            s.push_str("\n\n");
+            if !extras.sections.trim().is_empty() {
+                s.push_str(extras.sections.trim());
+                s.push_str("\n\n");
+            }
+            s.push_str(&self.alpha.node_section(self.alpha.replication));
+            s.push_str(&extras.alpha_node);
+            s.push('\n');
+            s.push_str(&self.beta.node_section(beta_replication));
+            s.push_str(&extras.beta_node);
+            s
+        };
+        for (node, text) in [
+            (&self.alpha, text(PAIR_SECRET, via)),
+            (&self.beta, text(beta_secret, self.beta.replication)),
+        ] {
+            fs::write(&node.config, text).expect("write resource file");
+            fs::set_permissions(&node.config, fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+        }
+    }
+
+    /// [`Pair::up`] with extra settings in both resource files; `extras` gets the pair
+    /// (whose directory handler commands may need) before any daemon starts.
+    pub fn up_with(opts: PairOpts, extras: impl FnOnce(&Pair) -> PairExtras) -> Pair {
+        let mut pair = Pair::new(opts);
+        pair.write_configs_with(&extras(&pair));
+        pair.alpha.create_md();
+        pair.beta.create_md();
+        pair.alpha.start();
+        pair.beta.start();
+        pair.alpha.promote(true).ok();
+        pair.wait_in_sync("the initial full sync", Duration::from_secs(60));
+        pair
+    }
+}
+
+impl BlockStack {
+    /// Gives up everything this stack set up without waiting for it to go cleanly, as an
+    /// operator does after the server under it died: lazy unmounts, loop devices detached
+    /// (the kernel finishes when their last user is gone), the nbdfuse mount detached lazily
+    /// and nbdfuse killed. Every error is ignored; returns what each step reported.
+    pub fn abandon(&mut self) -> Vec<String> {
+        let t = Duration::from_secs(15);
+        let mut report = Vec::new();
+        let mut step = |cmd: &mut Command| {
+            let what = describe(cmd);
+            let res =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cmd, t).success()));
+            report.push(format!(
+                "{what}: {}",
+                match res {
+                    Ok(true) => "ok",
+                    Ok(false) => "failed (ignored)",
+                    Err(_) => "timed out (ignored)",
+                }
+            ));
+        };
+        for dir in self.mounts.drain(..).rev() {
+            step(tool_cmd("umount").arg("-l").arg(&dir));
+        }
+        for dev in self.loops.drain(..).rev() {
+            step(tool_cmd("losetup").args(["-d", &dev]));
+        }
+        if let Some((dir, mut child)) = self.fuse.take() {
+            step(tool_cmd("fusermount3").arg("-u").arg("-z").arg(&dir));
+            if terminate(&mut child, Duration::from_secs(2)).is_none() {
+                announce(&format!("nbdfuse pid {} survived SIGKILL", child.id()));
+            }
+        }
+        report
     }
 }
