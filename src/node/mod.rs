@@ -708,7 +708,7 @@ impl Node {
             Request::Disconnect => match &self.repl {
                 None => Reply::error(self.no_peer_link()),
                 Some(r) => {
-                    r.set_enabled(false);
+                    r.disconnect().await;
                     Reply::message(format!(
                         "{}: disconnected from {}",
                         self.me.name, self.peer_name

@@ -297,6 +297,8 @@ struct Peer {
     name: String,
     /// The peer's node id (from its hello).
     id: u64,
+    /// The peer ended the link on purpose (shutdown, disconnect): not a death.
+    said_bye: AtomicBool,
 }
 
 impl Peer {
@@ -700,6 +702,19 @@ impl Replicator {
         }
     }
 
+    /// `disconnect`: tells the peer it is on purpose (so its standby does not fail over),
+    /// then drops the link and keeps it down.
+    pub async fn disconnect(&self) {
+        self.enabled.send_replace(false);
+        if let Some(p) = self.current_peer() {
+            let bye = Msg::Bye {
+                reason: "disconnected by the operator".into(),
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(500), p.send_meta(&bye)).await;
+            self.drop_link(&p, "disconnected by the operator");
+        }
+    }
+
     pub fn enabled(&self) -> bool {
         *self.enabled.borrow()
     }
@@ -726,6 +741,7 @@ impl Replicator {
         tracing::warn!(peer = %p.name, "peer link lost: {why}");
         // An operator's `disconnect` is not the primary's death: no failover for it.
         let standby_of_primary = self.enabled()
+            && !p.said_bye.load(Ordering::SeqCst)
             && !self.primary.load(Ordering::SeqCst)
             && (*lock(&p.state)).is_some_and(|s| s.primary)
             && *lock(&p.decision) == Some(Decision::InSync);
@@ -781,6 +797,11 @@ impl Replicator {
                     continue;
                 }
             };
+            if !self.enabled() {
+                // The link is down on purpose here: no handshake, the dialer retries later.
+                drop(s);
+                continue;
+            }
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 match link::accept(s, &me.set.link).await {
@@ -856,6 +877,8 @@ impl Replicator {
             Ok((data, meta))
         } else {
             let mut rx = self.incoming.lock().await;
+            // Connections queued while this node was not accepting links are stale.
+            while rx.try_recv().is_ok() {}
             let mut waiting: HashMap<u64, Conn> = HashMap::new();
             loop {
                 let Some(c) = rx.recv().await else {
@@ -899,12 +922,18 @@ impl Replicator {
             resync_window: Arc::new(Semaphore::new((RESYNC_WINDOW >> 10) as usize)),
             name: self.set.link.peer.clone(),
             id: data.peer.node_id,
+            said_bye: AtomicBool::new(false),
         });
         peer.touch();
         *lock(&self.peer) = Some(Arc::clone(&peer));
         tracing::info!(peer = %peer.name, session = data.session, "peer link up");
         self.set_connection(Connection::Connected);
 
+        // Our state goes out before anything is read: whatever the peer decides on reading
+        // it, it has ours too (both must see a split brain, for one).
+        let first = self.local_state();
+        *lock(&peer.sent) = Some(first);
+        let sent = peer.send_meta(&Msg::State(first)).await;
         let mut tasks = tokio::task::JoinSet::new();
         {
             let me = Arc::clone(self);
@@ -928,9 +957,7 @@ impl Replicator {
             let p = Arc::clone(&peer);
             tasks.spawn(async move { me.copy_late_marks(p).await });
         }
-        let first = self.local_state();
-        *lock(&peer.sent) = Some(first);
-        let why = match peer.send_meta(&Msg::State(first)).await {
+        let why = match sent {
             Err(e) => e,
             Ok(()) => {
                 let mut closed = peer.closed.subscribe();
@@ -953,8 +980,6 @@ impl Replicator {
         why
     }
 
-    /// Pings every `interval`, and ends the link the moment `timeout` has passed without any
-    /// frame from the peer (the deadline is tracked exactly, not at ping ticks).
     /// Ranges marked out of sync while the link is up and in sync (a write that raced the
     /// link's coming up, a write the peer failed) are copied at once, not at the next
     /// reconnect. Only the primary copies; it is the one whose writes get marked.
@@ -992,6 +1017,8 @@ impl Replicator {
         });
     }
 
+    /// Pings every `interval`, and ends the link the moment `timeout` has passed without any
+    /// frame from the peer (the deadline is tracked exactly, not at ping ticks).
     async fn heartbeat(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
         let mut tick = tokio::time::interval(self.set.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1070,7 +1097,10 @@ impl Replicator {
                         let _ = tx.send(crcs);
                     }
                 }
-                Msg::Bye { reason } => return Err(format!("peer said goodbye: {reason}")),
+                Msg::Bye { reason } => {
+                    peer.said_bye.store(true, Ordering::SeqCst);
+                    return Err(format!("peer said goodbye: {reason}"));
+                }
                 other => {
                     return Err(format!(
                         "unexpected {} on the meta connection",
