@@ -1049,6 +1049,7 @@ fn recovery_file(rest: &[u8], repair: bool) {
             let Some(end) = at.checked_add(20 + len).filter(|&e| e <= bytes.len()) else {
                 break;
             };
+            // The record magic 0x5242_5254, little-endian.
             bytes[at..at + 4].copy_from_slice(b"TRBR");
             let crc = crc32c::crc32c(&bytes[at + 8..end]);
             bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
@@ -1307,7 +1308,7 @@ fn nbd_request_seeds() -> Vec<(String, Vec<u8>)> {
     seeds
 }
 
-/// One message of every kind.
+/// One message of every kind (`tests/fuzz_corpus.rs` checks that none is missing).
 pub fn sample_messages() -> Vec<Msg> {
     use wire::{Channel, Hello, PeerState};
     vec![
@@ -1385,6 +1386,16 @@ pub fn sample_messages() -> Vec<Msg> {
         Msg::VerifyReply {
             id: 3,
             crcs: vec![1, 2, 0xffff_ffff],
+        },
+        Msg::ReadRequest {
+            id: 4,
+            offset: 512,
+            len: 4096,
+        },
+        Msg::ReadReply {
+            id: 4,
+            errno: 0,
+            data: IoBuf::from(&[7u8; 100][..]),
         },
     ]
 }

@@ -6,15 +6,17 @@
 //! the generated seeds; the resource-file target also gets every `fixtures/*.toml` and
 //! `fixtures/bad/*.toml`. A panic in any of them fails the test, naming every failing file.
 //!
-//! The ignored test `write_seeds` writes the seeds as files, to start a fuzzing run from:
-//! `TWINBD_FUZZ_SEED_DIR=fuzz/corpus cargo test --test fuzz_corpus -- --ignored write_seeds`
-//! (see `docs/reliability.md`).
+//! `seeds_pass_and_can_be_written` writes the seeds as files to start a fuzzing run from:
+//! `TWINBD_FUZZ_SEED_DIR=fuzz/corpus cargo test --test fuzz_corpus seeds_pass` (see
+//! `docs/reliability.md`).
 
 use std::any::Any;
+use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use twinbd::fuzzing;
+use twinbd::storage::IoBuf;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -123,17 +125,55 @@ fn every_target_has_a_corpus_folder() {
     }
 }
 
-/// Writes the seeds of every target to `$TWINBD_FUZZ_SEED_DIR/<target>/`.
+/// The peer-frame seeds hold one message of every kind the decoder knows, so a new kind
+/// cannot be left out of them unnoticed.
 #[test]
-#[ignore = "writes files; run by hand to seed a fuzzing run"]
-fn write_seeds() {
-    let root =
-        PathBuf::from(std::env::var_os("TWINBD_FUZZ_SEED_DIR").expect("set TWINBD_FUZZ_SEED_DIR"));
+fn every_peer_message_kind_has_a_seed() {
+    use twinbd::peer::wire::{self, WireError, HEADER_LEN};
+    let seeded: BTreeSet<u16> = fuzzing::sample_messages()
+        .iter()
+        .map(|m| {
+            let f = wire::encode(m, 0);
+            u16::from_be_bytes([f[4], f[5]])
+        })
+        .collect();
+    for kind in 0..=u16::from(u8::MAX) {
+        // An empty frame of this kind with a valid checksum: only an unknown kind says so.
+        let mut hb = [0u8; HEADER_LEN];
+        hb[0..4].copy_from_slice(&wire::MAGIC.to_be_bytes());
+        hb[4..6].copy_from_slice(&kind.to_be_bytes());
+        let crc = crc32c::crc32c(&hb[..20]);
+        hb[20..24].copy_from_slice(&crc.to_be_bytes());
+        let h = wire::decode_header(&hb).expect("header");
+        let known = !matches!(
+            wire::decode(&h, IoBuf::default()),
+            Err(WireError::UnknownKind(_))
+        );
+        assert_eq!(
+            known,
+            seeded.contains(&kind),
+            "message kind {kind}: add it to fuzzing::sample_messages"
+        );
+    }
+}
+
+/// Every seed passes its target's checks, and the seeds are written out as files: to
+/// `$TWINBD_FUZZ_SEED_DIR/<target>/` when set (to start a fuzzing run), else to a temporary
+/// folder that is read back and compared.
+#[test]
+fn seeds_pass_and_can_be_written() {
+    let temp = tempfile::tempdir().expect("tempdir");
+    let root = std::env::var_os("TWINBD_FUZZ_SEED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| temp.path().to_path_buf());
     for target in fuzzing::TARGETS {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir).expect("create seed folder");
         for (name, data) in fuzzing::seeds(target) {
-            std::fs::write(dir.join(format!("seed-{name}")), data).expect("write seed");
+            fuzzing::run(target, &data);
+            let path = dir.join(format!("seed-{name}"));
+            std::fs::write(&path, &data).expect("write seed");
+            assert_eq!(std::fs::read(&path).expect("read seed"), data);
         }
         if target == "resource_file" {
             for p in toml_fixtures() {
