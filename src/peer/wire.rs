@@ -697,94 +697,9 @@ mod tests {
         decode(&h, IoBuf::from(&frame[HEADER_LEN..])).expect("decode")
     }
 
+    /// One message of every kind (shared with the fuzzing seeds, which must cover them all).
     fn samples() -> Vec<Msg> {
-        vec![
-            Msg::Hello(Hello {
-                version: VERSION,
-                channel: Channel::Meta,
-                session: 42,
-                node_id: 9,
-                size: 1 << 30,
-                resource: "r0".into(),
-                node: "beta".into(),
-                challenge: [3; 32],
-            }),
-            Msg::Auth { mac: [5; 32] },
-            Msg::Welcome,
-            Msg::Refuse {
-                reason: "wrong secret".into(),
-            },
-            Msg::State(PeerState {
-                primary: true,
-                disk: 2,
-                current: 1,
-                bitmap: 2,
-                history: [3, 4],
-                dirty_bytes: 4096,
-                flags: 1,
-                promoted_at_ms: 1_700_000_000_000,
-            }),
-            Msg::BitmapChunk {
-                first_word: 10,
-                words: vec![1, u64::MAX],
-            },
-            Msg::BitmapDone,
-            Msg::Write {
-                id: 1,
-                offset: 4096,
-                fua: true,
-                data: IoBuf::from(&b"hello"[..]),
-            },
-            Msg::Received { id: 1 },
-            Msg::Written { id: 1, errno: 5 },
-            Msg::Trim {
-                id: 2,
-                offset: 0,
-                len: 1 << 40,
-            },
-            Msg::Zeroes {
-                id: 3,
-                offset: 1,
-                len: 2,
-                may_trim: true,
-            },
-            Msg::Flush { id: 4 },
-            Msg::Flushed { id: 4, errno: 0 },
-            Msg::Ping { nonce: 77 },
-            Msg::Pong { nonce: 77 },
-            Msg::ResyncData {
-                offset: 8192,
-                data: IoBuf::from(&[9u8; 4096][..]),
-            },
-            Msg::ResyncAck {
-                offset: 8192,
-                len: 4096,
-                errno: 0,
-            },
-            Msg::ResyncDone { current: 5 },
-            Msg::Bye {
-                reason: "shutdown".into(),
-            },
-            Msg::VerifyRequest {
-                id: 3,
-                offset: 1 << 20,
-                len: 1 << 20,
-            },
-            Msg::VerifyReply {
-                id: 3,
-                crcs: vec![1, 2, 0xffff_ffff],
-            },
-            Msg::ReadRequest {
-                id: 4,
-                offset: 512,
-                len: 4096,
-            },
-            Msg::ReadReply {
-                id: 4,
-                errno: 0,
-                data: IoBuf::from(&[7u8; 100][..]),
-            },
-        ]
+        crate::fuzzing::sample_messages()
     }
 
     #[test]
