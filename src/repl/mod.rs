@@ -819,7 +819,7 @@ impl Replicator {
 
     /// Establishes links, runs them, and re-establishes them with backoff while enabled.
     async fn link_loop(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Duration::from_millis(50);
         let mut last_logged = String::new();
         let mut enabled = self.enabled.subscribe();
         loop {
@@ -845,7 +845,7 @@ impl Replicator {
             };
             match attempt {
                 Ok((data, meta)) => {
-                    backoff = Duration::from_millis(100);
+                    backoff = Duration::from_millis(50);
                     last_logged.clear();
                     self.set_error(None);
                     let why = self.run_link(data, meta).await;
@@ -862,7 +862,10 @@ impl Replicator {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = enabled.changed() => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Retry at least every heartbeat interval: after a short network cut the
+                    // link must come back well before a standby's failover deadline.
+                    let cap = self.set.interval.max(Duration::from_millis(50));
+                    backoff = (backoff * 2).min(cap);
                 }
             }
         }
