@@ -327,6 +327,17 @@ impl Peer {
             .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
     }
 
+    /// Tells the peer the link ends on purpose, on both connections: whichever of its loops
+    /// sees the connection close first has read the goodbye before it.
+    async fn say_bye(&self, reason: &str) {
+        let bye = Msg::Bye {
+            reason: reason.to_string(),
+        };
+        let limit = Duration::from_millis(500);
+        let _ = tokio::time::timeout(limit, self.send_meta(&bye)).await;
+        let _ = tokio::time::timeout(limit, self.send_data(&bye)).await;
+    }
+
     async fn send_meta_batch(&self, msgs: &[Msg]) -> Result<(), String> {
         self.meta
             .lock()
@@ -707,10 +718,7 @@ impl Replicator {
     pub async fn disconnect(&self) {
         self.enabled.send_replace(false);
         if let Some(p) = self.current_peer() {
-            let bye = Msg::Bye {
-                reason: "disconnected by the operator".into(),
-            };
-            let _ = tokio::time::timeout(Duration::from_millis(500), p.send_meta(&bye)).await;
+            p.say_bye("disconnected by the operator").await;
             self.drop_link(&p, "disconnected by the operator");
         }
     }
@@ -723,13 +731,7 @@ impl Replicator {
     pub async fn shutdown(&self) {
         self.enabled.send_replace(false);
         if let Some(p) = self.current_peer() {
-            let _ = tokio::time::timeout(
-                Duration::from_millis(500),
-                p.send_meta(&Msg::Bye {
-                    reason: "node shutting down".into(),
-                }),
-            )
-            .await;
+            p.say_bye("node shutting down").await;
             self.drop_link(&p, "node shutting down");
         }
     }
@@ -1642,7 +1644,10 @@ impl Replicator {
                     Ok(Some(Msg::VerifyReply { id, crcs }))
                 })))
             }
-            Msg::Bye { reason } => Err(format!("peer said goodbye: {reason}")),
+            Msg::Bye { reason } => {
+                peer.said_bye.store(true, Ordering::SeqCst);
+                Err(format!("peer said goodbye: {reason}"))
+            }
             other => Err(format!(
                 "unexpected {} on the data connection",
                 other.name()
