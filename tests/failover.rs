@@ -132,27 +132,6 @@ fn read_lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits until `node`'s logs contain a line with every one of `words` (case-insensitive);
-/// returns that line.
-fn wait_log(node: &PairNode, words: &[&str], timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = node.log();
-        if let Some(l) = log.lines().find(|l| {
-            let l = l.to_lowercase();
-            words.iter().all(|w| l.contains(&w.to_lowercase()))
-        }) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}'s log has no line mentioning all of {words:?} within {timeout:?}:\n{log}",
-            node.name
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A raw NBD client on `node`'s export (the test fails if the node refuses).
 fn client(node: &PairNode) -> RawNbd {
     match RawNbd::connect(node.nbd, RESOURCE) {
@@ -566,7 +545,7 @@ fn kill9_primary_under_load_auto_failover() {
     );
     let b = pair.beta.status();
     assert_eq!(b["role"], "primary", "{b:#}");
-    wait_log(&pair.beta, &["automatic failover"], Duration::from_secs(5));
+    wait_log_line(&pair.beta, &["automatic failover"], Duration::from_secs(5));
 
     // Every acknowledged write is on beta, in its newest acknowledged version (or the newer
     // one that was in flight at the kill), whole.
@@ -1585,7 +1564,7 @@ fn handlers_get_their_environment() {
         expect("alpha", "primary", "peer_lost"),
         "{lines:?}"
     );
-    let failed = wait_log(
+    let failed = wait_log_line(
         &pair.alpha,
         &["handler failed", "peer_lost"],
         Duration::from_secs(10),
@@ -1628,7 +1607,7 @@ fn handlers_get_their_environment() {
         expect("beta", "primary", "peer_lost"),
         "{lines:?}"
     );
-    wait_log(
+    wait_log_line(
         &pair.beta,
         &["handler failed", "peer_lost"],
         Duration::from_secs(10),

@@ -82,27 +82,6 @@ fn one_line_reason(out: &Output) -> String {
     lines[0].to_string()
 }
 
-/// `qemu-io -f raw URI -c CMD...`; fails the test unless every command succeeded and every
-/// pattern verified. qemu-io's exit status and its messages are both checked.
-fn qemu_io(uri: &str, cmds: &[String]) -> Output {
-    let mut cmd = tool("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for c in cmds {
-        cmd.arg("-c").arg(c);
-    }
-    let out = run(&mut cmd, CMD_TIMEOUT);
-    let all = out.all();
-    assert!(
-        !all.contains("Pattern verification failed"),
-        "qemu-io found wrong data: {out}"
-    );
-    assert!(
-        !all.contains("failed") && !all.contains("error"),
-        "a qemu-io command failed: {out}"
-    );
-    out.ok()
-}
-
 /// Reads from `s` until the peer closes; fails if it stays open for `IO_TIMEOUT`.
 fn expect_closed(s: &mut TcpStream, what: &str) {
     let deadline = Instant::now() + IO_TIMEOUT;

@@ -2335,3 +2335,47 @@ impl BlockStack {
         report
     }
 }
+
+// ---- shared by several test files ----
+
+/// `qemu-io -f raw URI -c CMD...`; fails the test unless every command succeeded and every
+/// pattern verified. qemu-io's exit status and its messages are both checked.
+pub fn qemu_io(uri: &str, cmds: &[String]) -> Output {
+    let mut cmd = tool("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    let out = run(&mut cmd, CMD_TIMEOUT);
+    let all = out.all();
+    assert!(
+        !all.contains("Pattern verification failed"),
+        "qemu-io found wrong data: {out}"
+    );
+    assert!(
+        !all.contains("failed") && !all.contains("error"),
+        "a qemu-io command failed: {out}"
+    );
+    out.ok()
+}
+
+/// Waits until `node`'s logs contain a line with every one of `words` (case-insensitive);
+/// returns that line.
+pub fn wait_log_line(node: &PairNode, words: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = node.log();
+        if let Some(l) = log.lines().find(|l| {
+            let l = l.to_lowercase();
+            words.iter().all(|w| l.contains(&w.to_lowercase()))
+        }) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}'s log has no line mentioning all of {words:?} within {timeout:?}:\n{log}",
+            node.name
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
