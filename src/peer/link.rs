@@ -113,6 +113,102 @@ impl FrameWriter {
     }
 }
 
+/// The writer of a connection many tasks send on, with frames that can wait to be batched.
+///
+/// `send` writes a frame at once (large payloads, frames whose sender must know it left).
+/// `enqueue` only encodes a frame, copying its payload, behind the ones already waiting, and
+/// `flush` writes everything waiting in one call: frames queued by the requests a client
+/// sent together leave in one `write`, and the peer reads them in one `read`. Sequence numbers
+/// are given under the queue's lock and a `send` first writes what is queued, so frames
+/// leave in the order their calls were made, whichever way they take.
+pub struct SharedFrameWriter {
+    w: tokio::sync::Mutex<OwnedWriteHalf>,
+    q: std::sync::Mutex<Queued>,
+}
+
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    seq: u64,
+}
+
+/// Frames larger than this are never copied into the queue.
+pub const QUEUE_FRAME_MAX: usize = 64 * 1024;
+
+impl SharedFrameWriter {
+    pub fn new(fw: FrameWriter) -> SharedFrameWriter {
+        SharedFrameWriter {
+            w: tokio::sync::Mutex::new(fw.w),
+            q: std::sync::Mutex::new(Queued {
+                bytes: Vec::new(),
+                seq: fw.seq,
+            }),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame; returns true if the queue was empty (the caller arranges a `flush`).
+    pub fn enqueue(&self, msg: &Msg) -> bool {
+        let mut q = self.queue();
+        let first = q.bytes.is_empty();
+        let head = wire::encode(msg, q.seq);
+        q.seq += 1;
+        q.bytes.extend_from_slice(&head);
+        q.bytes.extend_from_slice(msg.data());
+        first
+    }
+
+    /// Writes every queued frame.
+    pub async fn flush(&self) -> io::Result<()> {
+        let mut w = self.w.lock().await;
+        let bytes = std::mem::take(&mut self.queue().bytes);
+        if !bytes.is_empty() {
+            w.write_all(&bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the queued frames, then `msg`.
+    pub async fn send(&self, msg: &Msg) -> io::Result<()> {
+        let mut w = self.w.lock().await;
+        let (queued, head) = {
+            let mut q = self.queue();
+            let head = wire::encode(msg, q.seq);
+            q.seq += 1;
+            (std::mem::take(&mut q.bytes), head)
+        };
+        let data = msg.data();
+        let parts: [&[u8]; 3] = [&queued, &head, data];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while done < total {
+            let mut skip = done;
+            let mut slices = Vec::with_capacity(3);
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                slices.push(IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+            let n = w.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.w.lock().await.shutdown().await;
+    }
+}
+
 enum ReadState {
     Header,
     Fixed(Header),
@@ -145,6 +241,11 @@ impl FrameReader {
 
     /// The next message. Every check (magic, length, sequence, CRC, structure) passes before
     /// a message is returned; any failure is an error and the link must be dropped.
+    /// The next message if it is already buffered, without reading the socket.
+    pub fn try_recv(&mut self) -> Result<Option<Msg>, LinkError> {
+        self.parse()
+    }
+
     pub async fn recv(&mut self) -> Result<Msg, LinkError> {
         loop {
             if let Some(msg) = self.parse()? {
@@ -416,4 +517,56 @@ async fn handshake(
         reader,
         writer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn write(id: u64, len: usize) -> Msg {
+        let mut data = IoBuf::with_len(len);
+        data.fill(id as u8);
+        Msg::Write {
+            id,
+            offset: id * 4096,
+            fua: false,
+            data,
+        }
+    }
+
+    /// Queued frames and frames sent at once reach the reader in call order, each with the
+    /// next sequence number, whatever mix of `enqueue`, `send` and `flush` made them.
+    #[tokio::test]
+    async fn queued_and_direct_frames_keep_call_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_, w) = client.expect("connect").into_split();
+        let (r, _) = server.expect("accept").0.into_split();
+        let writer = SharedFrameWriter::new(FrameWriter::new(w));
+        let mut reader = FrameReader::new(r);
+
+        assert!(writer.enqueue(&write(1, 4096)));
+        assert!(!writer.enqueue(&write(2, 512)));
+        writer.send(&write(3, 200_000)).await.expect("send");
+        assert!(writer.enqueue(&write(4, 4096)));
+        writer.flush().await.expect("flush");
+        writer.flush().await.expect("empty flush");
+        assert!(writer.enqueue(&Msg::Flush { id: 5 }));
+        writer.send(&write(6, 8192)).await.expect("send");
+
+        for want in 1..=6u64 {
+            let got = reader.recv().await.expect("frame");
+            match got {
+                Msg::Write { id, data, .. } => {
+                    assert_eq!(id, want);
+                    assert!(data.iter().all(|b| *b == want as u8));
+                }
+                Msg::Flush { id } => assert_eq!(id, want),
+                other => panic!("unexpected {}", other.name()),
+            }
+        }
+        assert!(reader.try_recv().expect("nothing buffered").is_none());
+    }
 }

@@ -28,7 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 
 use crate::config::{AfterSplitBrain, Protocol};
 use crate::meta::{DiskState, MetaStore, Superblock};
-use crate::peer::link::{self, Conn, FrameReader, FrameWriter, LinkParams};
+use crate::peer::link::{
+    self, Conn, FrameReader, FrameWriter, LinkParams, SharedFrameWriter, QUEUE_FRAME_MAX,
+};
 use crate::peer::wire::{Channel, Msg, PeerState, STATE_DISCARD_MY_DATA};
 use crate::status::{Connection, DiskStatus, ResyncStatus, Role};
 use crate::storage::{Backend, Disk, IoBuf, StorageError};
@@ -276,7 +278,9 @@ struct PeerInner {
 
 /// One established link.
 struct Peer {
-    data: tokio::sync::Mutex<FrameWriter>,
+    data: SharedFrameWriter,
+    /// Wakes the task that writes the frames queued on `data`.
+    data_kick: Notify,
     meta: tokio::sync::Mutex<FrameWriter>,
     inner: Mutex<PeerInner>,
     next_id: AtomicU64,
@@ -320,11 +324,17 @@ impl Peer {
 
     async fn send_data(&self, msg: &Msg) -> Result<(), String> {
         self.data
-            .lock()
-            .await
             .send(msg)
             .await
             .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
+    }
+
+    /// Queues a data frame behind the others waiting; the link's sender task writes them
+    /// together once the tasks running now have queued theirs.
+    fn queue_data(&self, msg: &Msg) {
+        if self.data.enqueue(msg) {
+            self.data_kick.notify_one();
+        }
     }
 
     /// Tells the peer the link ends on purpose, on both connections: whichever of its loops
@@ -910,7 +920,8 @@ impl Replicator {
     async fn run_link(self: &Arc<Self>, data: Conn, meta: Conn) -> String {
         let (closed_tx, _) = watch::channel(false);
         let peer = Arc::new(Peer {
-            data: tokio::sync::Mutex::new(data.writer),
+            data: SharedFrameWriter::new(data.writer),
+            data_kick: Notify::new(),
             meta: tokio::sync::Mutex::new(meta.writer),
             inner: Mutex::new(PeerInner::default()),
             next_id: AtomicU64::new(1),
@@ -958,6 +969,10 @@ impl Replicator {
             tasks.spawn(async move { me.heartbeat(p).await });
         }
         {
+            let p = Arc::clone(&peer);
+            tasks.spawn(async move { Self::data_sender(p).await });
+        }
+        {
             let me = Arc::clone(self);
             let p = Arc::clone(&peer);
             tasks.spawn(async move { me.copy_late_marks(p).await });
@@ -980,9 +995,23 @@ impl Replicator {
         self.drop_link(&peer, &why);
         tasks.abort_all();
         // Writers may still hold the sockets: shut them down so the peer notices at once.
-        peer.data.lock().await.shutdown().await;
+        peer.data.shutdown().await;
         peer.meta.lock().await.shutdown().await;
         why
+    }
+
+    /// Writes the data frames queued by replicated writes. Woken by the first frame queued
+    /// after a write; everything queued by then leaves in one call. A wake-up from a runtime
+    /// thread runs this task on that thread as soon as the waking task yields, so batching
+    /// adds no hand-off between threads.
+    async fn data_sender(peer: Arc<Peer>) -> Result<(), String> {
+        loop {
+            peer.data_kick.notified().await;
+            peer.data
+                .flush()
+                .await
+                .map_err(|e| format!("sending writes to the peer: {e}"))?;
+        }
     }
 
     /// Ranges marked out of sync while the link is up and in sync (a write that raced the
@@ -1423,20 +1452,11 @@ impl Replicator {
 
     async fn data_loop(self: Arc<Self>, peer: Arc<Peer>, mut r: FrameReader) -> Result<(), String> {
         let mut inflight: FuturesUnordered<ApplyFuture> = FuturesUnordered::new();
+        let mut acks: Vec<Msg> = Vec::new();
         loop {
             tokio::select! {
                 biased;
-                Some(res) = inflight.next(), if !inflight.is_empty() => {
-                    let mut acks: Vec<Msg> = res?.into_iter().collect();
-                    while let Some(Some(more)) =
-                        futures_util::FutureExt::now_or_never(inflight.next())
-                    {
-                        acks.extend(more?);
-                    }
-                    if !acks.is_empty() {
-                        peer.send_meta_batch(&acks).await?;
-                    }
-                }
+                Some(res) = inflight.next(), if !inflight.is_empty() => acks.extend(res?),
                 msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
                     let msg = msg.map_err(|e| e.to_string())?;
                     peer.touch();
@@ -1444,6 +1464,31 @@ impl Replicator {
                         inflight.push(fut);
                     }
                 }
+            }
+            // Apply every frame already read and collect every acknowledgement ready, so
+            // the frames the primary sent together are answered together.
+            loop {
+                let mut progress = false;
+                while inflight.len() < APPLY_MAX_IN_FLIGHT {
+                    let Some(msg) = r.try_recv().map_err(|e| e.to_string())? else {
+                        break;
+                    };
+                    progress = true;
+                    if let Some(fut) = self.apply(&peer, msg).await? {
+                        inflight.push(fut);
+                    }
+                }
+                while let Some(Some(res)) = futures_util::FutureExt::now_or_never(inflight.next()) {
+                    progress = true;
+                    acks.extend(res?);
+                }
+                if !progress {
+                    break;
+                }
+            }
+            if !acks.is_empty() {
+                peer.send_meta_batch(&acks).await?;
+                acks.clear();
             }
         }
     }
@@ -2119,11 +2164,14 @@ impl ReplicatedDisk {
             if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
                 if let Some(data) = payload.take() {
                     let m = frame(id, data);
-                    let sent = p.send_data(&m).await;
-                    payload = Some(unframe(m));
-                    if let Err(e) = sent {
+                    // Protocol A answers once the frame is sent, so it sends at once; so do
+                    // large payloads, which are not worth a copy.
+                    if r.set.protocol != Protocol::A && m.data().len() <= QUEUE_FRAME_MAX {
+                        p.queue_data(&m);
+                    } else if let Err(e) = p.send_data(&m).await {
                         r.drop_link(&p, &e);
                     }
+                    payload = Some(unframe(m));
                 }
                 wait = Some(rx);
             }
