@@ -19,6 +19,7 @@
 //!
 //! [sync]
 //! rate_mb_s = 0                      # resync rate limit in MiB/s, 0 = unlimited
+//! al_extents = 479                   # activity log size in 4 MiB extents, 1..=479 (default 479)
 //!
 //! [handlers]                         # commands run by `sh -c`; "" or absent = none
 //! on_promote = ""
@@ -434,10 +435,23 @@ pub struct FailoverConfig {
 }
 
 /// `[sync]`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyncConfig {
     /// Resync rate limit in MiB/s; 0 means unlimited.
     pub rate_mb_s: u64,
+    /// Size of the activity log in 4 MiB extents: the most a resync after a crash of the
+    /// connected primary copies, traded against one metadata write each time the writes
+    /// move to an extent not in the log.
+    pub al_extents: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> SyncConfig {
+        SyncConfig {
+            rate_mb_s: 0,
+            al_extents: crate::meta::ACTIVITY_MAX,
+        }
+    }
 }
 
 impl SyncConfig {
@@ -821,6 +835,7 @@ struct RawFailover {
 #[serde(deny_unknown_fields)]
 struct RawSync {
     rate_mb_s: Option<Spanned<u64>>,
+    al_extents: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -1055,8 +1070,25 @@ impl Ctx<'_> {
     }
 
     fn convert_sync(&self, raw: Option<RawSync>) -> Result<SyncConfig, ConfigError> {
-        let Some(rate) = raw.and_then(|r| r.rate_mb_s) else {
+        let Some(raw) = raw else {
             return Ok(SyncConfig::default());
+        };
+        let mut sync = SyncConfig::default();
+        if let Some(al) = raw.al_extents {
+            let max = crate::meta::ACTIVITY_MAX;
+            match usize::try_from(*al.get_ref()) {
+                Ok(n) if (1..=max).contains(&n) => sync.al_extents = n,
+                _ => {
+                    return Err(self.invalid(
+                        Some(&al.span()),
+                        "sync.al_extents",
+                        format!("{} is out of range (1 to {max})", al.get_ref()),
+                    ))
+                }
+            }
+        }
+        let Some(rate) = raw.rate_mb_s else {
+            return Ok(sync);
         };
         let max = u64::MAX / BYTES_PER_MB;
         if *rate.get_ref() > max {
@@ -1069,9 +1101,8 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        Ok(SyncConfig {
-            rate_mb_s: rate.into_inner(),
-        })
+        sync.rate_mb_s = rate.into_inner();
+        Ok(sync)
     }
 
     fn convert_handlers(&self, raw: Option<RawHandlers>) -> Result<HandlersConfig, ConfigError> {
@@ -1621,7 +1652,8 @@ mod tests {
         assert_eq!(c.failover, FailoverConfig::default());
         assert!(!c.failover.auto_promote);
         assert_eq!(c.failover.after_split_brain, AfterSplitBrain::Disconnect);
-        assert_eq!(c.sync, SyncConfig { rate_mb_s: 0 });
+        assert_eq!(c.sync, SyncConfig::default());
+        assert_eq!(c.sync.al_extents, 479);
         assert_eq!(c.handlers, HandlersConfig::default());
         assert_eq!(c.nodes.len(), 2);
         assert_eq!(c.nodes[0].disk, PathBuf::from("/dev/vdb"));
@@ -2139,18 +2171,13 @@ mod tests {
 
     #[test]
     fn sync_rate() {
-        assert_eq!(SyncConfig { rate_mb_s: 0 }.rate_bytes_per_s(), None);
-        assert_eq!(
-            SyncConfig { rate_mb_s: 1 }.rate_bytes_per_s(),
-            Some(1 << 20)
-        );
-        assert_eq!(
-            SyncConfig {
-                rate_mb_s: u64::MAX
-            }
-            .rate_bytes_per_s(),
-            Some(u64::MAX)
-        );
+        let rate = |rate_mb_s| SyncConfig {
+            rate_mb_s,
+            ..SyncConfig::default()
+        };
+        assert_eq!(rate(0).rate_bytes_per_s(), None);
+        assert_eq!(rate(1).rate_bytes_per_s(), Some(1 << 20));
+        assert_eq!(rate(u64::MAX).rate_bytes_per_s(), Some(u64::MAX));
         let src = format!(
             "[resource]\nname = \"t\"\nsecret = \"x\"\n[sync]\nrate_mb_s = {}\n{}",
             u64::MAX / BYTES_PER_MB + 1,
@@ -2158,6 +2185,27 @@ mod tests {
         );
         let err = Config::parse_str(&src, "t.toml").expect_err("too large");
         assert_eq!(invalid_key(&err), "sync.rate_mb_s");
+    }
+
+    #[test]
+    fn activity_log_size() {
+        let parse = |v: &str| {
+            let src = format!(
+                "[resource]\nname = \"t\"\nsecret = \"x\"\n[sync]\nal_extents = {v}\n{}",
+                node_toml("a", "/d", "internal", "127.0.0.1:1")
+            );
+            Config::parse_str(&src, "t.toml")
+        };
+        assert_eq!(parse("1").expect("1").sync.al_extents, 1);
+        assert_eq!(parse("479").expect("479").sync.al_extents, 479);
+        for bad in ["0", "480"] {
+            let err = parse(bad).expect_err(bad);
+            assert_eq!(invalid_key(&err), "sync.al_extents", "{bad}");
+        }
+        for bad in ["-1", "\"many\""] {
+            let err = parse(bad).expect_err(bad).to_string();
+            assert!(err.contains("sync.al_extents") && err.contains("t.toml:5:"), "{err}");
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Stats {
     /// NBD requests answered since the daemon started.
     #[serde(default)]
     pub nbd_requests_total: u64,
+    /// Activity-log updates (metadata writes on the replicated write path) since start.
+    #[serde(default)]
+    pub activity_log_writes_total: u64,
 }
 
 /// `status --json`: the fields of the contract, then twinbd's own additions.
@@ -204,6 +207,7 @@ mod tests {
                 replicated_writes_total: 0,
                 nbd_clients: 0,
                 nbd_requests_total: 0,
+                activity_log_writes_total: 0,
             },
             io_engine: "io_uring".into(),
             nbd: "127.0.0.1:10809".into(),

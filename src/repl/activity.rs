@@ -11,7 +11,8 @@
 //!
 //! After a crash, every extent in the log is marked out of sync, so the resync after the
 //! reconnect covers the writes in flight at the crash: bounded by the log's size
-//! (`ACTIVITY_MAX` × 4 MiB), never the whole device, never skipped.
+//! (`[sync] al_extents` × 4 MiB, at most `ACTIVITY_MAX`), never the whole device, never
+//! skipped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,7 +82,8 @@ fn extents(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
 
 impl ActivityLog {
     /// Loads the persisted set (normally empty: it is cleared at start-up after recovery).
-    pub fn new(meta: Arc<Mutex<MetaStore>>) -> Arc<ActivityLog> {
+    /// `capacity` (at most `ACTIVITY_MAX`) is how many extents the log holds.
+    pub fn new(meta: Arc<Mutex<MetaStore>>, capacity: usize) -> Arc<ActivityLog> {
         let active = lock(&meta)
             .superblock()
             .activity
@@ -93,7 +95,7 @@ impl ActivityLog {
             inner: Mutex::new(Inner { active, tick: 0 }),
             commit: tokio::sync::Mutex::new(()),
             idle: Notify::new(),
-            capacity: ACTIVITY_MAX,
+            capacity: capacity.clamp(1, ACTIVITY_MAX),
             transactions: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -254,7 +256,7 @@ mod tests {
     async fn holds_persist_extents_and_recovery_marks_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let m = store(dir.path());
-        let log = ActivityLog::new(Arc::clone(&m));
+        let log = ActivityLog::new(Arc::clone(&m), ACTIVITY_MAX);
         let h1 = log.hold(0, 4096).await.expect("hold");
         let h2 = log.hold(ACTIVITY_EXTENT - 1, 2).await.expect("hold across");
         assert_eq!(log.len(), 2);
@@ -284,7 +286,7 @@ mod tests {
     async fn a_full_log_evicts_idle_extents_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let m = store(dir.path());
-        let log = ActivityLog::new(Arc::clone(&m));
+        let log = ActivityLog::new(Arc::clone(&m), ACTIVITY_MAX);
         let busy = log.hold(0, 1).await.expect("hold");
         for e in 1..ACTIVITY_MAX as u64 {
             drop(log.hold(e * ACTIVITY_EXTENT, 1).await.expect("hold"));
@@ -300,5 +302,32 @@ mod tests {
         assert!(set.contains(&0));
         assert!(!set.contains(&1));
         drop(busy);
+    }
+
+    /// A log of one extent: a write to a second extent waits until the first is idle, then
+    /// takes its place in one transaction.
+    #[tokio::test]
+    async fn a_small_log_waits_for_an_idle_extent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = store(dir.path());
+        let log = ActivityLog::new(Arc::clone(&m), 1);
+        let first = log.hold(0, 1).await.expect("hold");
+        let second = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move { log.hold(ACTIVITY_EXTENT, 1).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the only slot is busy");
+        drop(first);
+        let _h = tokio::time::timeout(std::time::Duration::from_secs(5), second)
+            .await
+            .expect("the second hold goes through once the first is idle")
+            .expect("task")
+            .expect("hold");
+        assert_eq!(lock(&m).superblock().activity, vec![1]);
+        assert_eq!(
+            log.transactions.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 }

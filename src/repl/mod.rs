@@ -51,6 +51,8 @@ pub struct ReplSettings {
     pub interval: Duration,
     pub timeout: Duration,
     pub rate_bytes_per_s: Option<u64>,
+    /// Activity log size in extents.
+    pub al_extents: usize,
     pub auto_promote: bool,
     pub after_split_brain: AfterSplitBrain,
     /// Where split-brain recovery files go (beside the metadata).
@@ -454,6 +456,7 @@ pub struct ReplStatus {
     pub resync: Option<ResyncStatus>,
     pub replicated_writes: u64,
     pub resynced_bytes: u64,
+    pub activity_log_writes: u64,
     pub last_error: Option<String>,
 }
 
@@ -502,7 +505,7 @@ impl Replicator {
         let primary = Arc::new(AtomicBool::new(false));
         let marker = DirtyMarker::spawn(Arc::clone(&meta), Arc::clone(&primary));
         let (incoming_tx, incoming) = mpsc::channel(16);
-        let activity = activity::ActivityLog::new(Arc::clone(&meta));
+        let activity = activity::ActivityLog::new(Arc::clone(&meta), set.al_extents);
         Arc::new(Replicator {
             set,
             disk,
@@ -644,6 +647,7 @@ impl Replicator {
             resync,
             replicated_writes: self.replicated.load(Ordering::Relaxed),
             resynced_bytes: self.resynced.load(Ordering::Relaxed),
+            activity_log_writes: self.activity.transactions.load(Ordering::Relaxed),
             last_error: v.last_error.clone(),
         }
     }
