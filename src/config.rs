@@ -2204,7 +2204,10 @@ mod tests {
         }
         for bad in ["-1", "\"many\""] {
             let err = parse(bad).expect_err(bad).to_string();
-            assert!(err.contains("sync.al_extents") && err.contains("t.toml:5:"), "{err}");
+            assert!(
+                err.contains("sync.al_extents") && err.contains("t.toml:5:"),
+                "{err}"
+            );
         }
     }
 

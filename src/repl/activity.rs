@@ -31,6 +31,8 @@ struct Entry {
 struct Inner {
     /// The persisted set, with use counts.
     active: HashMap<u64, Entry>,
+    /// Extents that writes wait for, not yet in the log.
+    wanted: std::collections::HashSet<u64>,
     tick: u64,
 }
 
@@ -92,7 +94,11 @@ impl ActivityLog {
             .collect();
         Arc::new(ActivityLog {
             meta,
-            inner: Mutex::new(Inner { active, tick: 0 }),
+            inner: Mutex::new(Inner {
+                active,
+                wanted: Default::default(),
+                tick: 0,
+            }),
             commit: tokio::sync::Mutex::new(()),
             idle: Notify::new(),
             capacity: capacity.clamp(1, ACTIVITY_MAX),
@@ -111,52 +117,27 @@ impl ActivityLog {
 
     /// Takes the extents of `[offset, offset+len)` into use, adding them to the persisted log
     /// first if they are not in it.
+    ///
+    /// One transaction at a time; the extents wanted by every write waiting meanwhile join the
+    /// next one together (as many as fit), so writes moving to new extents in parallel cost
+    /// one metadata write per batch rather than one each. An extent chosen for eviction leaves
+    /// the in-memory set before the new set is written, so no write can take it while the
+    /// persisted log is being rewritten without it: a held extent is always in the persisted
+    /// log.
     pub async fn hold(self: &Arc<Self>, offset: u64, len: u64) -> Result<Hold, String> {
         let range = extents(offset, len);
         if self.try_hold(&range) {
-            return Ok(Hold {
-                log: Arc::clone(self),
-                extents: range,
-            });
+            return Ok(self.hold_of(range));
         }
         loop {
+            self.want(&range);
             let _tx = self.commit.lock().await;
             if self.try_hold(&range) {
                 break;
             }
             let idle = self.idle.notified();
-            // Build the new set: everything in use stays, the new extents join, and the least
-            // recently used idle extents leave if the log is full.
-            let new_set = {
-                let g = lock(&self.inner);
-                let mut set: Vec<u64> = g.active.keys().copied().collect();
-                for e in range.clone() {
-                    if !g.active.contains_key(&e) {
-                        set.push(e);
-                    }
-                }
-                if set.len() > self.capacity {
-                    let mut idle_list: Vec<(u64, u64)> = g
-                        .active
-                        .iter()
-                        .filter(|(e, en)| en.in_flight == 0 && !range.contains(e))
-                        .map(|(e, en)| (en.last_use, *e))
-                        .collect();
-                    idle_list.sort_unstable();
-                    let excess = set.len() - self.capacity;
-                    if idle_list.len() < excess {
-                        None
-                    } else {
-                        let evict: std::collections::HashSet<u64> =
-                            idle_list.iter().take(excess).map(|(_, e)| *e).collect();
-                        set.retain(|e| !evict.contains(e));
-                        Some(set)
-                    }
-                } else {
-                    Some(set)
-                }
-            };
-            let Some(new_set) = new_set else {
+            self.want(&range);
+            let Some((new_set, added)) = self.next_set(&range) else {
                 // Every extent is busy: wait for one to become idle.
                 drop(_tx);
                 idle.await;
@@ -172,10 +153,8 @@ impl ActivityLog {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             {
                 let mut g = lock(&self.inner);
-                let keep: std::collections::HashSet<u64> = new_set.iter().copied().collect();
-                g.active
-                    .retain(|e, en| keep.contains(e) || en.in_flight > 0);
-                for e in new_set {
+                for e in added {
+                    g.wanted.remove(&e);
                     g.active.entry(e).or_default();
                 }
             }
@@ -183,10 +162,64 @@ impl ActivityLog {
                 break;
             }
         }
-        Ok(Hold {
+        Ok(self.hold_of(range))
+    }
+
+    fn hold_of(self: &Arc<Self>, extents: std::ops::RangeInclusive<u64>) -> Hold {
+        Hold {
             log: Arc::clone(self),
-            extents: range,
-        })
+            extents,
+        }
+    }
+
+    /// Records that a write waits for these extents.
+    fn want(&self, range: &std::ops::RangeInclusive<u64>) {
+        let mut g = lock(&self.inner);
+        for e in range.clone() {
+            if !g.active.contains_key(&e) {
+                g.wanted.insert(e);
+            }
+        }
+    }
+
+    /// The set the next transaction writes: everything in the log that stays, `range`'s
+    /// missing extents, and as many other wanted extents as fit. Evicted extents (least
+    /// recently used idle ones) leave the in-memory set now. Returns the set and the extents
+    /// it adds, or `None` if `range` cannot fit until an extent becomes idle.
+    fn next_set(&self, range: &std::ops::RangeInclusive<u64>) -> Option<(Vec<u64>, Vec<u64>)> {
+        let mut g = lock(&self.inner);
+        let mine: Vec<u64> = range
+            .clone()
+            .filter(|e| !g.active.contains_key(e))
+            .collect();
+        let mut idle_list: Vec<(u64, u64)> = g
+            .active
+            .iter()
+            .filter(|(e, en)| en.in_flight == 0 && !range.contains(e))
+            .map(|(e, en)| (en.last_use, *e))
+            .collect();
+        idle_list.sort_unstable();
+        let free = self.capacity.saturating_sub(g.active.len()) + idle_list.len();
+        if free < mine.len() {
+            return None;
+        }
+        let mut added = mine;
+        let mut others: Vec<u64> = g
+            .wanted
+            .iter()
+            .copied()
+            .filter(|e| !g.active.contains_key(e) && !range.contains(e))
+            .collect();
+        others.sort_unstable();
+        others.truncate(free - added.len());
+        added.extend(others);
+        let excess = (g.active.len() + added.len()).saturating_sub(self.capacity);
+        for (_, e) in idle_list.iter().take(excess) {
+            g.active.remove(e);
+        }
+        let mut set: Vec<u64> = g.active.keys().copied().collect();
+        set.extend(added.iter().copied());
+        Some((set, added))
     }
 
     /// Takes the extents if all are already in the log.
@@ -329,5 +362,44 @@ mod tests {
             log.transactions.load(std::sync::atomic::Ordering::Relaxed),
             2
         );
+    }
+
+    /// Under concurrent holds on a log much smaller than the extents in use, every extent is
+    /// in the persisted log for as long as a write holds it (an extent being evicted must not
+    /// be handed out while the new set, without it, is written).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_extent_is_always_persisted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = store(dir.path());
+        let log = ActivityLog::new(Arc::clone(&m), 4);
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let log = Arc::clone(&log);
+            let m = Arc::clone(&m);
+            tasks.push(tokio::spawn(async move {
+                let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                for _ in 0..300 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let e = x % 12;
+                    let h = log.hold(e * ACTIVITY_EXTENT, 1).await.expect("hold");
+                    let persisted = lock(&m).superblock().activity.contains(&e);
+                    assert!(persisted, "extent {e} held but not in the persisted log");
+                    tokio::task::yield_now().await;
+                    let persisted = lock(&m).superblock().activity.contains(&e);
+                    assert!(
+                        persisted,
+                        "extent {e} held but evicted from the persisted log"
+                    );
+                    drop(h);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("no task failed");
+        }
+        let tx = log.transactions.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(tx > 0);
     }
 }
