@@ -402,6 +402,54 @@ impl Iterator for DirtyRuns<'_> {
     }
 }
 
+/// Runs of set bits in `words`, whose first word is word number `first_word` of a bitmap:
+/// `(first bit, bits)` in order, each as long as it can be (runs crossing a word boundary
+/// are one run). Used to turn a peer's bitmap words into ranges.
+pub fn word_runs(first_word: u64, words: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, &word) in words.iter().enumerate() {
+        let base = (first_word + i as u64) * 64;
+        let mut pos = 0u32;
+        while pos < 64 {
+            let rest = word >> pos;
+            if rest == 0 {
+                break;
+            }
+            let skip = rest.trailing_zeros();
+            let len = (rest >> skip).trailing_ones();
+            let start = base + u64::from(pos + skip);
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n == start => *n += u64::from(len),
+                _ => runs.push((start, u64::from(len))),
+            }
+            pos += skip + len;
+        }
+    }
+    runs
+}
+
+/// Splits byte ranges (in order, disjoint) into pieces of at most `max` bytes, in order; a
+/// piece never spans two ranges. `max` of 0 is taken as 1.
+pub fn split_runs(
+    runs: impl IntoIterator<Item = (u64, u64)>,
+    max: u64,
+) -> impl Iterator<Item = (u64, u64)> {
+    let max = max.max(1);
+    runs.into_iter().flat_map(move |(off, len)| {
+        let end = off.saturating_add(len);
+        let mut at = off;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let piece = (end - at).min(max);
+            let r = (at, piece);
+            at += piece;
+            Some(r)
+        })
+    })
+}
+
 /// Page index holding chunk `bit`.
 fn page_of_bit(bit: u64) -> usize {
     (bit / BITS_PER_PAGE) as usize
@@ -601,6 +649,106 @@ mod tests {
                 c.load_page_words(p, b.page_words(p));
             }
             prop_assert_eq!(b, c);
+        }
+    }
+
+    /// Bits of `words` (first word `first_word`) as a sorted list of bit numbers.
+    fn set_bits(first_word: u64, words: &[u64]) -> Vec<u64> {
+        let mut v = Vec::new();
+        for (i, w) in words.iter().enumerate() {
+            for b in 0..64 {
+                if w & (1u64 << b) != 0 {
+                    v.push((first_word + i as u64) * 64 + b);
+                }
+            }
+        }
+        v
+    }
+
+    fn arb_words() -> impl Strategy<Value = Vec<u64>> {
+        let word = prop_oneof![
+            Just(0u64),
+            Just(!0u64),
+            any::<u64>(),
+            0u64..16,
+            (0u32..64).prop_map(|s| !0u64 << s)
+        ];
+        prop::collection::vec(word, 0..12)
+    }
+
+    /// Disjoint byte ranges in order, with gaps (possibly none) between them.
+    fn arb_runs() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        prop::collection::vec((0u64..5000, 1u64..20_000), 0..12).prop_map(|v| {
+            let mut at = 0;
+            v.into_iter()
+                .map(|(gap, len)| {
+                    let r = (at + gap, len);
+                    at += gap + len;
+                    r
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn word_runs_are_the_set_bits_as_maximal_runs(first in 0u64..1000, words in arb_words()) {
+            let runs = word_runs(first, &words);
+            let mut expanded = Vec::new();
+            for (i, &(start, n)) in runs.iter().enumerate() {
+                prop_assert!(n > 0);
+                if i > 0 {
+                    let (ps, pn) = runs[i - 1];
+                    // In order, disjoint and not touching: each run is as long as it can be.
+                    prop_assert!(ps + pn < start);
+                }
+                expanded.extend(start..start + n);
+            }
+            prop_assert_eq!(expanded, set_bits(first, &words));
+        }
+
+        #[test]
+        fn word_runs_mark_the_same_bits_as_the_words(
+            (size, gran) in (1u64..(8 << 20), 9u32..14).prop_map(|(s, g)| (s, 1u32 << g)),
+            first in 0u64..4,
+            words in arb_words(),
+        ) {
+            // Setting each run's byte range gives the bitmap the words describe (bits past
+            // the device's end do not exist).
+            let mut b = Bitmap::new(size, gran);
+            let g = u64::from(gran);
+            for (bit, n) in word_runs(first, &words) {
+                b.set_range(bit * g, n * g);
+            }
+            let want: Vec<u64> = set_bits(first, &words)
+                .into_iter()
+                .filter(|&bit| bit < b.num_bits())
+                .collect();
+            let got: Vec<u64> = (0..b.num_bits()).filter(|&bit| b.bit(bit)).collect();
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn split_runs_cover_each_range_exactly(runs in arb_runs(), max in 0u64..70_000) {
+            let pieces: Vec<(u64, u64)> = split_runs(runs.clone(), max).collect();
+            let cap = max.max(1);
+            let mut it = pieces.iter().peekable();
+            for &(off, len) in &runs {
+                // The pieces of one range: contiguous, in order, none longer than `max`,
+                // all full-size but the last.
+                let mut at = off;
+                while at < off + len {
+                    let &(p_off, p_len) = it.next().expect("a piece for every byte");
+                    prop_assert_eq!(p_off, at);
+                    prop_assert!(p_len > 0 && p_len <= cap);
+                    prop_assert!(p_off + p_len <= off + len, "piece crosses its range");
+                    if p_off + p_len < off + len {
+                        prop_assert_eq!(p_len, cap);
+                    }
+                    at += p_len;
+                }
+            }
+            prop_assert!(it.next().is_none(), "no piece outside the ranges");
         }
     }
 }

@@ -1708,18 +1708,8 @@ impl Replicator {
     fn merge_bitmap(&self, first_word: u64, words: &[u64]) {
         let mut m = lock(&self.meta);
         let g = u64::from(m.bitmap().granularity());
-        for (i, w) in words.iter().enumerate() {
-            let mut w = *w;
-            while w != 0 {
-                let bit = w.trailing_zeros() as u64;
-                let run = (w >> bit).trailing_ones() as u64;
-                let chunk = (first_word + i as u64) * 64 + bit;
-                m.set_dirty_lazy(chunk * g, run * g);
-                if bit + run >= 64 {
-                    break;
-                }
-                w &= !(((1u64 << run) - 1) << bit);
-            }
+        for (bit, n) in crate::bitmap::word_runs(first_word, words) {
+            m.set_dirty_lazy(bit * g, n * g);
         }
     }
 
@@ -1999,42 +1989,37 @@ impl Replicator {
             if runs.is_empty() {
                 break;
             }
-            for (run_off, run_len) in runs {
-                let mut off = run_off;
-                while off < run_off + run_len {
-                    let len = (run_off + run_len - off).min(RESYNC_CHUNK);
-                    if let Some(rate) = self.set.rate_bytes_per_s {
-                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            tokio::time::sleep(wait).await;
-                        }
+            for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
+                if let Some(rate) = self.set.rate_bytes_per_s {
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
                     }
-                    let permits = (len.div_ceil(1024)) as u32;
-                    let permit = Arc::clone(&peer.resync_window)
-                        .acquire_many_owned(permits)
-                        .await
-                        .map_err(|_| "resync window closed".to_string())?;
-                    if peer.is_dead() {
-                        return Err("link lost during the resync".into());
-                    }
-                    let mut t = self.conflicts.register(off, len);
-                    t.wait().await;
-                    let data = self
-                        .disk
-                        .read(off, len as usize)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    lock(&peer.inner).resync.insert(off, (len, permit));
-                    peer.send_data(&Msg::ResyncData { offset: off, data })
-                        .await?;
-                    drop(t);
-                    sent += len;
-                    off += len;
-                    if last_flush.elapsed() > Duration::from_secs(1) {
-                        last_flush = Instant::now();
-                        let m = Arc::clone(&self.meta);
-                        let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
-                    }
+                }
+                let permits = (len.div_ceil(1024)) as u32;
+                let permit = Arc::clone(&peer.resync_window)
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| "resync window closed".to_string())?;
+                if peer.is_dead() {
+                    return Err("link lost during the resync".into());
+                }
+                let mut t = self.conflicts.register(off, len);
+                t.wait().await;
+                let data = self
+                    .disk
+                    .read(off, len as usize)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                lock(&peer.inner).resync.insert(off, (len, permit));
+                peer.send_data(&Msg::ResyncData { offset: off, data })
+                    .await?;
+                drop(t);
+                sent += len;
+                if last_flush.elapsed() > Duration::from_secs(1) {
+                    last_flush = Instant::now();
+                    let m = Arc::clone(&self.meta);
+                    let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
                 }
             }
             // Wait for every acknowledgement: all permits back.
