@@ -130,6 +130,8 @@ pub struct SharedFrameWriter {
 struct Queued {
     bytes: Vec<u8>,
     seq: u64,
+    /// The buffer of the last batch written, kept to be the next queue.
+    spare: Vec<u8>,
 }
 
 /// Frames larger than this are never copied into the queue.
@@ -140,8 +142,8 @@ impl SharedFrameWriter {
         SharedFrameWriter {
             w: tokio::sync::Mutex::new(fw.w),
             q: std::sync::Mutex::new(Queued {
-                bytes: Vec::new(),
                 seq: fw.seq,
+                ..Queued::default()
             }),
         }
     }
@@ -164,11 +166,20 @@ impl SharedFrameWriter {
     /// Writes every queued frame.
     pub async fn flush(&self) -> io::Result<()> {
         let mut w = self.w.lock().await;
-        let bytes = std::mem::take(&mut self.queue().bytes);
+        let mut bytes = self.take_queue();
         if !bytes.is_empty() {
             w.write_all(&bytes).await?;
         }
+        bytes.clear();
+        self.queue().spare = bytes;
         Ok(())
+    }
+
+    /// Takes the queued bytes, leaving the spare buffer as the new queue.
+    fn take_queue(&self) -> Vec<u8> {
+        let mut q = self.queue();
+        let spare = std::mem::take(&mut q.spare);
+        std::mem::replace(&mut q.bytes, spare)
     }
 
     /// Writes the queued frames, then `msg`.
