@@ -1729,6 +1729,17 @@ impl Replicator {
             total: if full { self.size } else { total },
             started: Some(Instant::now()),
         });
+        if full && !self.health.diskless() {
+            // Every block is about to be written: allocate them all at once (a file-backed
+            // disk), rather than one write at a time. In the background: it only allocates
+            // (data is kept), so resync writes may start beside it.
+            let disk = Arc::clone(&self.disk);
+            tokio::task::spawn_blocking(move || match disk.preallocate_blocking() {
+                Ok(true) => tracing::debug!("disk preallocated for the full resync"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot preallocate the disk for the full resync: {e}"),
+            });
+        }
         if !full {
             let chunks: Vec<(u64, Vec<u64>)> = {
                 let m = lock(&self.meta);

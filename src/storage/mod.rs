@@ -149,6 +149,30 @@ impl Disk {
         self
     }
 
+    /// Allocates every block of a disk that is a regular file (its usable part; data already
+    /// there is kept), so that a copy over the whole disk, such as a full resync, does not
+    /// pay the filesystem's block allocation write by write. Blocking. Returns `false` for a
+    /// block device or a filesystem that cannot preallocate.
+    pub fn preallocate_blocking(&self) -> Result<bool> {
+        let disk = match &self.engine {
+            Engine::Uring(b) => b.disk_file(),
+            Engine::Sync(b) => b.disk_file(),
+        };
+        if disk.is_block || disk.size == 0 {
+            return Ok(false);
+        }
+        match fallocate(&disk.file, 0, 0, disk.size) {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => Ok(false),
+            Err(source) => Err(StorageError::Io {
+                op: "preallocate",
+                offset: 0,
+                len: disk.size,
+                source,
+            }),
+        }
+    }
+
     fn check(&self, write: bool, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match &self.faults {
             Some(f) if f.fails(write, offset, len) => Err(StorageError::Io {

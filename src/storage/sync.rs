@@ -11,6 +11,10 @@ pub struct SyncBackend {
 }
 
 impl SyncBackend {
+    pub(crate) fn disk_file(&self) -> &Arc<DiskFile> {
+        &self.disk
+    }
+
     pub fn new(disk: DiskFile) -> SyncBackend {
         SyncBackend {
             disk: Arc::new(disk),

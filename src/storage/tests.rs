@@ -170,3 +170,73 @@ fn a_disk_cannot_be_opened_twice() {
     drop(first);
     DiskFile::open(&path, None).expect("free again");
 }
+
+/// Preallocation allocates every block of a sparse file and keeps what was written.
+#[tokio::test]
+async fn preallocation_allocates_and_keeps_data() {
+    use std::os::unix::fs::MetadataExt;
+    for choice in [EngineChoice::Sync, EngineChoice::Auto] {
+        let (_dir, path) = temp_disk(4 << 20);
+        let d = open_disk(&path, None, choice).expect("open");
+        d.write(1 << 20, pattern(7, 4096).into(), false)
+            .await
+            .expect("write");
+        let before = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(before < 4 << 20, "sparse to begin with");
+        assert!(d.preallocate_blocking().expect("preallocate"));
+        let after = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(after >= 4 << 20, "allocated {after} bytes");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 4 << 20);
+        assert_eq!(
+            &d.read(1 << 20, 4096).await.expect("read")[..],
+            &pattern(7, 4096)[..]
+        );
+        assert!(d.read(0, 4096).await.expect("read").iter().all(|b| *b == 0));
+    }
+}
+
+/// Reads the kernel cannot complete inline (the file's pages dropped from the cache) still
+/// complete, many at once and one at a time: their completions arrive later, through the
+/// ring's eventfd or the reaper's periodic look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_uncached_reads_complete() {
+    use std::os::fd::AsRawFd;
+    let (_d, path) = temp_disk(4 << 20);
+    std::fs::write(&path, pattern(3, 4 << 20)).expect("fill");
+    let disk = Arc::new(open_disk(&path, None, EngineChoice::Uring).expect("open"));
+    let want = pattern(3, 4 << 20);
+    for round in 0..3 {
+        let f = File::open(&path).expect("open");
+        f.sync_all().expect("fsync");
+        // SAFETY: plain advice call on a descriptor we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut reads = Vec::new();
+        for i in 0..64u64 {
+            let d = Arc::clone(&disk);
+            reads.push(tokio::spawn(async move {
+                let off = (i * 61 % 1024) * 4096;
+                (off, d.read(off, 4096).await)
+            }));
+        }
+        for r in reads {
+            let (off, data) = tokio::time::timeout(std::time::Duration::from_secs(10), r)
+                .await
+                .expect("read completes")
+                .expect("task");
+            assert_eq!(
+                &data.expect("read")[..],
+                &want[off as usize..off as usize + 4096],
+                "round {round}"
+            );
+        }
+        // One alone: nothing else will come along to reap it.
+        // SAFETY: as above.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let one =
+            tokio::time::timeout(std::time::Duration::from_secs(10), disk.read(2 << 20, 4096))
+                .await
+                .expect("a lone uncached read completes")
+                .expect("read");
+        assert_eq!(&one[..], &want[2 << 20..(2 << 20) + 4096]);
+    }
+}

@@ -3,8 +3,10 @@
 //! One ring per disk, shared by every task that does IO on it. A request is pushed and submitted
 //! by the task that makes it, and the completion queue is drained right after the submit, so a
 //! request the kernel completes inline (a page-cache hit) never leaves the calling thread.
-//! Completions that come later raise the ring's eventfd; a reaper task waiting on it drains the
-//! queue and wakes the waiting requests.
+//! Completions that come later raise the ring's eventfd (switched off while a task submits
+//! and reaps); a reaper task waiting on it drains the queue and wakes the waiting requests,
+//! and also looks every few milliseconds while requests are in the kernel, so a notification
+//! lost to the switching can delay a completion, never strand it.
 //!
 //! Buffer ownership: a request's buffer lives in its slot, not in the future, until the kernel
 //! has completed it. A future dropped early (its client went away) marks the slot abandoned and
@@ -54,6 +56,8 @@ struct State {
     free: Vec<usize>,
     /// Requests handed to the ring whose completion has not been reaped.
     in_kernel: usize,
+    /// The reaper looks periodically (it knew of requests in the kernel when it last waited).
+    reaper_ticking: bool,
 }
 
 impl State {
@@ -144,6 +148,8 @@ struct Shared {
     state: Mutex<State>,
     permits: Arc<Semaphore>,
     disk: Arc<DiskFile>,
+    /// Tells an idle reaper that requests are in the kernel again (so it starts ticking).
+    kick: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -167,6 +173,10 @@ impl Drop for UringBackend {
 }
 
 impl UringBackend {
+    pub(crate) fn disk_file(&self) -> &Arc<DiskFile> {
+        &self.shared.disk
+    }
+
     /// Checks that this kernel lets us create a ring and run the operations we need.
     pub fn probe() -> io::Result<()> {
         let ring = IoUring::new(8)?;
@@ -214,9 +224,11 @@ impl UringBackend {
                 slots: Vec::new(),
                 free: Vec::new(),
                 in_kernel: 0,
+                reaper_ticking: false,
             }),
             permits: Arc::new(Semaphore::new(RING_ENTRIES as usize)),
             disk: Arc::new(disk),
+            kick: tokio::sync::Notify::new(),
         });
         let reaper = tokio::spawn(reap_loop(Arc::clone(&shared), afd));
         Ok(UringBackend { shared, reaper })
@@ -267,10 +279,24 @@ impl UringBackend {
                 return (-libc::EAGAIN, buf);
             }
             st.in_kernel += 1;
+            // The eventfd is off while we submit and reap: a request the kernel completes
+            // inline is reaped right here, and waking the reaper for it as well cost a thread
+            // hand-off and a contended lock per request (perf, cached 4 KiB reads at QD32:
+            // 150k context switches per second). Completions that land meanwhile are reaped
+            // after the eventfd is back on.
+            st.ring.completion().disable_eventfd();
             if let Err(e) = st.submit() {
                 tracing::error!(error = %e, "io_uring submit failed");
             }
             st.reap(&mut wake);
+            st.ring.completion().enable_eventfd();
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            st.reap(&mut wake);
+            let kick = st.in_kernel > 0 && !st.reaper_ticking;
+            if kick {
+                st.reaper_ticking = true;
+                self.shared.kick.notify_one();
+            }
             idx
         };
         for w in wake {
@@ -478,16 +504,32 @@ impl Drop for Completion<'_> {
     }
 }
 
+/// Longest a completion can wait when its eventfd notification was lost.
+const REAP_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
 async fn reap_loop(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
     loop {
-        let mut guard = match afd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
+        let ticking = {
+            let mut st = shared.lock();
+            st.reaper_ticking = st.in_kernel > 0;
+            st.reaper_ticking
+        };
+        let ready = tokio::select! {
+            r = afd.readable() => Some(r),
+            _ = tokio::time::sleep(REAP_TICK), if ticking => None,
+            _ = shared.kick.notified(), if !ticking => None,
+        };
+        let mut guard = match ready {
+            None => None,
+            Some(Ok(g)) => Some(g),
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "io_uring eventfd failed; completion reaper stops");
                 return;
             }
         };
-        guard.clear_ready();
+        if let Some(guard) = guard.as_mut() {
+            guard.clear_ready();
+        }
         let mut counter = [0u8; 8];
         // SAFETY: reads 8 bytes into a local buffer from the eventfd we own (non-blocking).
         unsafe {
@@ -503,6 +545,7 @@ async fn reap_loop(shared: Arc<Shared>, afd: AsyncFd<OwnedFd>) {
             st.reap(&mut wake);
             if !st.ring.submission().is_empty() {
                 let _ = st.submit();
+                st.reap(&mut wake);
             }
         }
         for w in wake {
