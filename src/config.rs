@@ -1674,6 +1674,7 @@ mod tests {
         );
         assert_eq!(c.sync.rate_mb_s, 100);
         assert_eq!(c.sync.rate_bytes_per_s(), Some(100 * 1024 * 1024));
+        assert_eq!(c.sync.al_extents, 128);
         assert_eq!(
             c.handlers.on_promote.as_deref(),
             Some("/usr/local/bin/mount-db.sh")
@@ -1784,6 +1785,12 @@ mod tests {
             Some("failover.after_split_brain"),
             &["discard-everything", "discard-least-changes"],
             Some(7),
+        ),
+        (
+            "bad-al-extents.toml",
+            Some("sync.al_extents"),
+            &["1000 is out of range (1 to 479)"],
+            Some(6),
         ),
         (
             "bad-timeout.toml",
