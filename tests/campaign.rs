@@ -635,22 +635,6 @@ impl Drop for Workload {
 // Status helpers
 // ------------------------------------------------------------------------------------------
 
-fn num(st: &Value, path: &str) -> u64 {
-    let mut v = st;
-    for k in path.split('.') {
-        v = &v[k];
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("status field {path} missing or not a number: {st:#}"))
-}
-
-fn linked(st: &Value) -> bool {
-    matches!(
-        st["connection"].as_str(),
-        Some("connected" | "sync_source" | "sync_target")
-    )
-}
-
 fn primary(st: &Value) -> bool {
     st["role"] == "primary"
 }

@@ -51,24 +51,6 @@ const KIB: u64 = 1024;
 /// Heartbeat (interval, timeout) in ms for the tests that are not about the defaults.
 const QUICK_HEARTBEAT: (u64, u64) = (100, 500);
 
-/// A `u64` field of a status, by path (`"stats.resynced_bytes_total"`).
-fn num(st: &Value, path: &str) -> u64 {
-    let mut v = st;
-    for k in path.split('.') {
-        v = &v[k];
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("status field {path} missing or not a number: {st:#}"))
-}
-
-/// True while a node's link is up (connected or resyncing).
-fn linked(st: &Value) -> bool {
-    matches!(
-        st["connection"].as_str(),
-        Some("connected" | "sync_source" | "sync_target")
-    )
-}
-
 /// `len` deterministic random bytes.
 fn random(len: u64, seed: u64) -> Vec<u8> {
     SplitMix::new(seed).bytes(len as usize)

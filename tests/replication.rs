@@ -41,24 +41,6 @@ fn exclusive() -> RwLockWriteGuard<'static, ()> {
 /// Bitmap granularity of metadata made by `create-md` (bytes per bit).
 const GRANULARITY: u64 = 4096;
 
-/// A `u64` field of a status, by path (`"stats.resynced_bytes_total"`).
-fn num(st: &Value, path: &str) -> u64 {
-    let mut v = st;
-    for k in path.split('.') {
-        v = &v[k];
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("status field {path} missing or not a number: {st:#}"))
-}
-
-/// True while a node's link is up (connected or resyncing).
-fn linked(st: &Value) -> bool {
-    matches!(
-        st["connection"].as_str(),
-        Some("connected" | "sync_source" | "sync_target")
-    )
-}
-
 /// One pattern write: `len` bytes of `pattern` at `offset`.
 #[derive(Debug, Clone, Copy)]
 struct PatternWrite {

@@ -2379,3 +2379,21 @@ pub fn wait_log_line(node: &PairNode, words: &[&str], timeout: Duration) -> Stri
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `u64` field of a status, by path (`"stats.resynced_bytes_total"`).
+pub fn num(st: &Value, path: &str) -> u64 {
+    let mut v = st;
+    for k in path.split('.') {
+        v = &v[k];
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("status field {path} missing or not a number: {st:#}"))
+}
+
+/// True while a node's link is up (connected or resyncing).
+pub fn linked(st: &Value) -> bool {
+    matches!(
+        st["connection"].as_str(),
+        Some("connected" | "sync_source" | "sync_target")
+    )
+}
