@@ -1462,7 +1462,19 @@ impl Replicator {
                 biased;
                 Some(res) = inflight.next(), if !inflight.is_empty() => acks.extend(res?),
                 msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
-                    let msg = msg.map_err(|e| e.to_string())?;
+                    let msg = match msg {
+                        Ok(Msg::Bye { reason }) => {
+                            peer.said_bye.store(true, Ordering::SeqCst);
+                            Self::let_meta_finish(&peer).await;
+                            return Err(format!("peer said goodbye: {reason}"));
+                        }
+                        Ok(msg) => msg,
+                        Err(link::LinkError::Closed) => {
+                            Self::let_meta_finish(&peer).await;
+                            return Err(link::LinkError::Closed.to_string());
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    };
                     peer.touch();
                     if let Some(fut) = self.apply(&peer, msg).await? {
                         inflight.push(fut);
@@ -1477,6 +1489,11 @@ impl Replicator {
                     let Some(msg) = r.try_recv().map_err(|e| e.to_string())? else {
                         break;
                     };
+                    if let Msg::Bye { reason } = msg {
+                        peer.said_bye.store(true, Ordering::SeqCst);
+                        Self::let_meta_finish(&peer).await;
+                        return Err(format!("peer said goodbye: {reason}"));
+                    }
                     progress = true;
                     if let Some(fut) = self.apply(&peer, msg).await? {
                         inflight.push(fut);
@@ -1495,6 +1512,15 @@ impl Replicator {
                 acks.clear();
             }
         }
+    }
+
+    /// The peer ended the data connection (a goodbye, or a close): what it sent on the meta
+    /// connection before (its state, when it ends the link on seeing ours, as after a split
+    /// brain) is read and acted on before the link is torn down. The meta loop ends the link
+    /// when it reaches the same goodbye or close; this waits for that, briefly.
+    async fn let_meta_finish(peer: &Peer) {
+        let mut closed = peer.closed.subscribe();
+        let _ = tokio::time::timeout(Duration::from_millis(300), closed.wait_for(|c| *c)).await;
     }
 
     /// Runs a local disk operation unless the disk is detached; a device error detaches it.
