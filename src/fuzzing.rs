@@ -23,6 +23,7 @@
 //!
 //! [`seeds`] builds meaningful starting inputs for each target.
 
+use crate::nbd::proto::{be_u16, be_u32, be_u64};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -112,20 +113,6 @@ fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
     f.write_all(bytes).expect("write temporary file");
     f.flush().expect("flush temporary file");
     f
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -294,7 +281,7 @@ fn nbd_flags_and_replies(rest: &[u8]) {
     // An error reply carries the message cut to the protocol's limit at a character boundary.
     let mut out = Vec::new();
     encode_option_error(&mut out, OPT_GO, REP_ERR_POLICY, &text);
-    let len = be32(&out[16..20]) as usize;
+    let len = be_u32(&out[16..20]) as usize;
     assert_eq!(out.len(), 20 + len);
     assert!(len <= MAX_STRING);
     assert!(text.as_bytes().starts_with(&out[20..]));
@@ -302,18 +289,18 @@ fn nbd_flags_and_replies(rest: &[u8]) {
 
     out.clear();
     encode_structured_error(&mut out, 7, EIO, &text);
-    let len = be32(&out[16..20]) as usize;
+    let len = be_u32(&out[16..20]) as usize;
     assert_eq!(out.len(), 20 + len);
-    assert_eq!(len, 6 + usize::from(be16(&out[24..26])));
+    assert_eq!(len, 6 + usize::from(be_u16(&out[24..26])));
     assert!(std::str::from_utf8(&out[26..]).is_ok());
 
     // Info replies for names and requests taken from the input: a well-formed reply sequence.
-    let requests: Vec<u16> = rest.chunks_exact(2).take(16).map(be16).collect();
+    let requests: Vec<u16> = rest.chunks_exact(2).take(16).map(be_u16).collect();
     let info = ExportInfo {
         name: text.to_string(),
         description: text.chars().rev().collect(),
-        size: rest.get(..8).map_or(0, be64),
-        flags: rest.get(..2).map_or(0, be16),
+        size: rest.get(..8).map_or(0, be_u64),
+        flags: rest.get(..2).map_or(0, be_u16),
         min_block: 1,
         preferred_block: 4096,
         max_block: 32 << 20,
@@ -325,8 +312,8 @@ fn nbd_flags_and_replies(rest: &[u8]) {
     let mut replies = 0;
     while at < out.len() {
         assert!(out.len() - at >= 20, "truncated option reply");
-        assert_eq!(be64(&out[at..]), OPTION_REPLY_MAGIC);
-        let len = be32(&out[at + 16..]) as usize;
+        assert_eq!(be_u64(&out[at..]), OPTION_REPLY_MAGIC);
+        let len = be_u32(&out[at + 16..]) as usize;
         at += 20 + len;
         replies += 1;
     }
@@ -340,8 +327,8 @@ fn nbd_option(rest: &[u8]) {
     };
     match decode_option_header(hdr) {
         Ok(h) => {
-            assert_eq!(be64(hdr), IHAVEOPT);
-            assert_eq!((h.option, h.len), (be32(&hdr[8..]), be32(&hdr[12..])));
+            assert_eq!(be_u64(hdr), IHAVEOPT);
+            assert_eq!((h.option, h.len), (be_u32(&hdr[8..]), be_u32(&hdr[12..])));
             if h.len <= MAX_OPTION_LEN {
                 let n = payload.len().min(h.len as usize);
                 check_option(h.option, &payload[..n]);
@@ -412,19 +399,19 @@ fn nbd_requests(rest: &[u8]) {
         return;
     };
     let lim = Limits {
-        size: be64(&l[0..]),
-        flags: be16(&l[8..]),
-        max_payload: be32(&l[10..]),
+        size: be_u64(&l[0..]),
+        flags: be_u16(&l[8..]),
+        max_payload: be_u32(&l[10..]),
         structured: l[14] & 1 != 0,
     };
     for chunk in reqs.chunks_exact(REQUEST_LEN) {
         let buf: &[u8; REQUEST_LEN] = chunk.try_into().expect("chunks_exact");
         let fields = Request {
-            flags: be16(&buf[4..]),
-            command: be16(&buf[6..]),
-            cookie: be64(&buf[8..]),
-            offset: be64(&buf[16..]),
-            len: be32(&buf[24..]),
+            flags: be_u16(&buf[4..]),
+            command: be_u16(&buf[6..]),
+            cookie: be_u64(&buf[8..]),
+            offset: be_u64(&buf[16..]),
+            len: be_u32(&buf[24..]),
         };
         match decode_request(buf) {
             Ok(req) => {
@@ -598,7 +585,7 @@ fn frame_stream(bytes: &[u8], repair: bool) -> Vec<u8> {
     let mut seq = 0u64;
     while let Some((hb, tail)) = rest.split_first_chunk::<HEADER_LEN>() {
         let mut hb = *hb;
-        let n = (be32(&hb[16..]) as usize).min(tail.len());
+        let n = (be_u32(&hb[16..]) as usize).min(tail.len());
         let (payload, next) = tail.split_at(n);
         repair_frame(&mut hb, payload, Some(seq));
         out.extend_from_slice(&hb);
@@ -629,10 +616,10 @@ fn check_frame(hb: &[u8; HEADER_LEN], payload: &[u8]) -> Option<Msg> {
     assert_eq!(
         (h.kind, h.seq, h.len, h.crc),
         (
-            be16(&hb[4..]),
-            be64(&hb[8..]),
-            be32(&hb[16..]),
-            be32(&hb[20..])
+            be_u16(&hb[4..]),
+            be_u64(&hb[8..]),
+            be_u32(&hb[16..]),
+            be_u32(&hb[20..])
         )
     );
     let whole = wire::decode(&h, IoBuf::from(payload));
@@ -666,7 +653,7 @@ fn check_frame(hb: &[u8; HEADER_LEN], payload: &[u8]) -> Option<Msg> {
 /// decoder reads loosely: the header's flags (ignored; sent as 0) and boolean bytes (any
 /// non-zero value is true; sent as 1).
 fn check_reencode(hb: &[u8; HEADER_LEN], payload: &[u8], msg: &Msg) {
-    let mut again = wire::encode(msg, be64(&hb[8..]));
+    let mut again = wire::encode(msg, be_u64(&hb[8..]));
     again.extend_from_slice(msg.data());
     assert_eq!(
         again.len(),
@@ -709,14 +696,14 @@ fn expected_messages(stream: &[u8]) -> Vec<Msg> {
     let mut at = 0;
     while let Some(hb) = stream.get(at..at + HEADER_LEN) {
         let hb: &[u8; HEADER_LEN] = hb.try_into().expect("header");
-        if be32(hb) != wire::MAGIC || be32(&hb[16..]) > wire::MAX_PAYLOAD {
+        if be_u32(hb) != wire::MAGIC || be_u32(&hb[16..]) > wire::MAX_PAYLOAD {
             check_frame(hb, &[]);
             break;
         }
-        if be64(&hb[8..]) != msgs.len() as u64 {
+        if be_u64(&hb[8..]) != msgs.len() as u64 {
             break;
         }
-        let end = at + HEADER_LEN + be32(&hb[16..]) as usize;
+        let end = at + HEADER_LEN + be_u32(&hb[16..]) as usize;
         let Some(payload) = stream.get(at + HEADER_LEN..end) else {
             break;
         };

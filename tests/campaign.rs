@@ -639,15 +639,6 @@ fn primary(st: &Value) -> bool {
     st["role"] == "primary"
 }
 
-/// Connected, nothing out of sync, no resync, both disks up to date.
-fn settled(st: &Value) -> bool {
-    st["connection"] == "connected"
-        && st["out_of_sync_bytes"] == 0
-        && st["resync"].is_null()
-        && st["disk"] == "up_to_date"
-        && st["peer"]["disk"] == "up_to_date"
-}
-
 fn brief(st: &Value) -> String {
     format!(
         "{} {} {} peer {}/{} oos {} resync {}",

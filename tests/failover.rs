@@ -1182,13 +1182,6 @@ fn settle_or_report(
     bugs: &[String],
 ) -> (Value, Value) {
     let deadline = Instant::now() + timeout;
-    let settled = |st: &Value| {
-        st["connection"] == "connected"
-            && st["out_of_sync_bytes"] == 0
-            && st["resync"].is_null()
-            && st["disk"] == "up_to_date"
-            && st["peer"]["disk"] == "up_to_date"
-    };
     loop {
         let (a, b) = (pair.alpha.status(), pair.beta.status());
         if settled(&a) && settled(&b) {

@@ -134,6 +134,14 @@ struct Queued {
     spare: Vec<u8>,
 }
 
+impl Queued {
+    /// Takes the queued bytes, leaving the spare buffer as the new queue.
+    fn take(&mut self) -> Vec<u8> {
+        let spare = std::mem::take(&mut self.spare);
+        std::mem::replace(&mut self.bytes, spare)
+    }
+}
+
 /// Frames larger than this are never copied into the queue.
 pub const QUEUE_FRAME_MAX: usize = 64 * 1024;
 
@@ -166,20 +174,18 @@ impl SharedFrameWriter {
     /// Writes every queued frame.
     pub async fn flush(&self) -> io::Result<()> {
         let mut w = self.w.lock().await;
-        let mut bytes = self.take_queue();
+        let bytes = self.queue().take();
         if !bytes.is_empty() {
             w.write_all(&bytes).await?;
         }
-        bytes.clear();
-        self.queue().spare = bytes;
+        self.give_back(bytes);
         Ok(())
     }
 
-    /// Takes the queued bytes, leaving the spare buffer as the new queue.
-    fn take_queue(&self) -> Vec<u8> {
-        let mut q = self.queue();
-        let spare = std::mem::take(&mut q.spare);
-        std::mem::replace(&mut q.bytes, spare)
+    /// Keeps a written batch's buffer as the next spare.
+    fn give_back(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        self.queue().spare = buf;
     }
 
     /// Writes the queued frames, then `msg`.
@@ -189,7 +195,7 @@ impl SharedFrameWriter {
             let mut q = self.queue();
             let head = wire::encode(msg, q.seq);
             q.seq += 1;
-            (std::mem::take(&mut q.bytes), head)
+            (q.take(), head)
         };
         let data = msg.data();
         let parts: [&[u8]; 3] = [&queued, &head, data];
@@ -212,6 +218,7 @@ impl SharedFrameWriter {
             }
             done += n;
         }
+        self.give_back(queued);
         Ok(())
     }
 

@@ -136,7 +136,6 @@ impl ActivityLog {
                 break;
             }
             let idle = self.idle.notified();
-            self.want(&range);
             let Some((new_set, added)) = self.next_set(&range) else {
                 // Every extent is busy: wait for one to become idle.
                 drop(_tx);

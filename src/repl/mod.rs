@@ -1463,11 +1463,6 @@ impl Replicator {
                 Some(res) = inflight.next(), if !inflight.is_empty() => acks.extend(res?),
                 msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
                     let msg = match msg {
-                        Ok(Msg::Bye { reason }) => {
-                            peer.said_bye.store(true, Ordering::SeqCst);
-                            Self::let_meta_finish(&peer).await;
-                            return Err(format!("peer said goodbye: {reason}"));
-                        }
                         Ok(msg) => msg,
                         Err(link::LinkError::Closed) => {
                             Self::let_meta_finish(&peer).await;
@@ -1489,11 +1484,6 @@ impl Replicator {
                     let Some(msg) = r.try_recv().map_err(|e| e.to_string())? else {
                         break;
                     };
-                    if let Msg::Bye { reason } = msg {
-                        peer.said_bye.store(true, Ordering::SeqCst);
-                        Self::let_meta_finish(&peer).await;
-                        return Err(format!("peer said goodbye: {reason}"));
-                    }
                     progress = true;
                     if let Some(fut) = self.apply(&peer, msg).await? {
                         inflight.push(fut);
@@ -1721,6 +1711,7 @@ impl Replicator {
             }
             Msg::Bye { reason } => {
                 peer.said_bye.store(true, Ordering::SeqCst);
+                Self::let_meta_finish(peer).await;
                 Err(format!("peer said goodbye: {reason}"))
             }
             other => Err(format!(

@@ -2207,13 +2207,6 @@ impl Pair {
     /// date and each seeing its peer's disk up to date. Returns (alpha's, beta's) status.
     pub fn wait_in_sync(&self, what: &str, timeout: Duration) -> (Value, Value) {
         let deadline = Instant::now() + timeout;
-        let settled = |st: &Value| {
-            st["connection"] == "connected"
-                && st["out_of_sync_bytes"] == 0
-                && st["resync"].is_null()
-                && st["disk"] == "up_to_date"
-                && st["peer"]["disk"] == "up_to_date"
-        };
         loop {
             let (a, b) = (self.alpha.status(), self.beta.status());
             if settled(&a) && settled(&b) {
@@ -2396,4 +2389,13 @@ pub fn linked(st: &Value) -> bool {
         st["connection"].as_str(),
         Some("connected" | "sync_source" | "sync_target")
     )
+}
+
+/// Connected, nothing out of sync, no resync, this node's and its peer's disks up to date.
+pub fn settled(st: &Value) -> bool {
+    st["connection"] == "connected"
+        && st["out_of_sync_bytes"] == 0
+        && st["resync"].is_null()
+        && st["disk"] == "up_to_date"
+        && st["peer"]["disk"] == "up_to_date"
 }
