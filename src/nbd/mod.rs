@@ -1,7 +1,9 @@
-//! NBD: the wire format ([`proto`], pure) and the export server ([`server`]).
+//! NBD: the wire format ([`proto`], pure), the export server ([`server`]) and the socket side
+//! of its replies ([`sink`]).
 
 pub mod proto;
 pub mod server;
+pub mod sink;
 
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
 
 use super::proto::*;
@@ -61,7 +61,11 @@ fn connect(
     (client, task)
 }
 
-async fn greet(c: &mut DuplexStream) {
+/// A client end: an in-memory pipe or a socket.
+trait Conn: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Conn for T {}
+
+async fn greet(c: &mut impl Conn) {
     let mut g = [0u8; 18];
     c.read_exact(&mut g).await.expect("greeting");
     assert_eq!(&g[0..8], b"NBDMAGIC");
@@ -70,7 +74,7 @@ async fn greet(c: &mut DuplexStream) {
     c.write_all(&3u32.to_be_bytes()).await.expect("flags");
 }
 
-async fn send_option(c: &mut DuplexStream, option: u32, data: &[u8]) {
+async fn send_option(c: &mut impl Conn, option: u32, data: &[u8]) {
     let mut m = Vec::new();
     m.extend_from_slice(&IHAVEOPT.to_be_bytes());
     m.extend_from_slice(&option.to_be_bytes());
@@ -80,7 +84,7 @@ async fn send_option(c: &mut DuplexStream, option: u32, data: &[u8]) {
 }
 
 /// Reads one option reply: (option, type, data).
-async fn option_reply(c: &mut DuplexStream) -> (u32, u32, Vec<u8>) {
+async fn option_reply(c: &mut impl Conn) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     c.read_exact(&mut h).await.expect("option reply");
     assert_eq!(
@@ -106,7 +110,7 @@ fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
 }
 
 /// Negotiates GO (optionally structured); returns the transmission flags.
-async fn go(c: &mut DuplexStream, structured: bool) -> u16 {
+async fn go(c: &mut impl Conn, structured: bool) -> u16 {
     greet(c).await;
     if structured {
         send_option(c, OPT_STRUCTURED_REPLY, &[]).await;
@@ -136,7 +140,7 @@ async fn go(c: &mut DuplexStream, structured: bool) -> u16 {
 }
 
 async fn request(
-    c: &mut DuplexStream,
+    c: &mut impl Conn,
     command: u16,
     flags: u16,
     cookie: u64,
@@ -160,7 +164,7 @@ async fn request(
 }
 
 /// Reads a simple reply: (cookie, error).
-async fn simple_reply(c: &mut DuplexStream) -> (u64, u32) {
+async fn simple_reply(c: &mut impl Conn) -> (u64, u32) {
     let mut h = [0u8; 16];
     c.read_exact(&mut h).await.expect("reply");
     assert_eq!(
@@ -447,4 +451,132 @@ async fn closing_the_export_disconnects_clients() {
         .expect("clean");
     assert_eq!(c.read(&mut [0u8; 1]).await.expect("eof"), 0);
     let _ = &h.export;
+}
+
+/// Large reads of cached data leave with `sendfile` on real sockets, interleaved with small
+/// replies from memory, in both reply formats, also when the client reads slowly (the socket
+/// fills and the sends are partial); every byte matches what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
+    use std::sync::atomic::Ordering;
+    let h = harness(true);
+    let pattern: Vec<u8> = (0..SIZE as usize)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0])
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("nbd.sock");
+    let unix = tokio::net::UnixListener::bind(&sock_path).expect("unix listener");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("tcp listener");
+    let tcp_addr = tcp.local_addr().expect("addr");
+    let rounds = [(true, false), (true, true), (false, false), (false, true)];
+    for (round, (use_tcp, structured)) in rounds.into_iter().enumerate() {
+        let ctx = Arc::clone(&h.ctx);
+        let before = h.ctx.sendfile_replies.load(Ordering::SeqCst);
+        let (mut c, task): (Box<dyn ConnSend>, _) = if use_tcp {
+            let c = tokio::net::TcpStream::connect(tcp_addr)
+                .await
+                .expect("connect");
+            let (s, _) = tcp.accept().await.expect("accept");
+            let task = tokio::spawn(async move {
+                let (r, w) = s.into_split();
+                run_session(r, w, &ctx).await
+            });
+            (Box::new(c), task)
+        } else {
+            let c = tokio::net::UnixStream::connect(&sock_path)
+                .await
+                .expect("connect");
+            let (s, _) = unix.accept().await.expect("accept");
+            let task = tokio::spawn(async move {
+                let (r, w) = s.into_split();
+                run_session(r, w, &ctx).await
+            });
+            (Box::new(c), task)
+        };
+        go(&mut c, structured).await;
+        if round == 0 {
+            // Never read nor written: not cached, so read into memory as before.
+            let cold = [(256 * 1024, 256 * 1024)];
+            request(&mut c, CMD_READ, 0, 100, cold[0].0, cold[0].1, &[]).await;
+            let (_, got) = next_read_reply(&mut c, structured, &cold).await;
+            assert!(got.iter().all(|b| *b == 0));
+            assert_eq!(h.ctx.sendfile_replies.load(Ordering::SeqCst), before);
+        }
+        // Each round writes the device with its own bytes, so stale data cannot pass.
+        let data: Vec<u8> = pattern.iter().map(|b| b ^ round as u8).collect();
+        request(&mut c, CMD_WRITE, 0, 1, 0, SIZE as u32, &data).await;
+        assert_eq!(simple_or_done(&mut c, structured).await, 1);
+        // Pipelined: whole-device reads, 64 KiB reads at odd offsets and small reads between.
+        let reads: Vec<(u64, u32)> = (0..24u64)
+            .map(|i| match i % 3 {
+                0 => (0, SIZE as u32),
+                1 => ((i * 12_345) % (SIZE / 2), 64 * 1024 + 7),
+                _ => (SIZE - 512 - i, 512),
+            })
+            .collect();
+        for (i, (off, len)) in reads.iter().enumerate() {
+            request(&mut c, CMD_READ, 0, 100 + i as u64, *off, *len, &[]).await;
+        }
+        // Let the replies fill the socket before reading any.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        for _ in 0..reads.len() {
+            let (cookie, got) = next_read_reply(&mut c, structured, &reads).await;
+            let (off, len) = reads[(cookie - 100) as usize];
+            assert_eq!(got.len(), len as usize);
+            assert!(
+                got == data[off as usize..(off + u64::from(len)) as usize],
+                "read {cookie} ({len} bytes at {off}) returned other bytes"
+            );
+        }
+        request(&mut c, CMD_DISC, 0, 2, 0, 0, &[]).await;
+        task.await.expect("join").expect("clean end");
+        let sent = h.ctx.sendfile_replies.load(Ordering::SeqCst) - before;
+        // The device was just written whole: every large read finds its pages cached.
+        assert_eq!(
+            sent, 16,
+            "round {round}: {sent} of 16 large reads went out with sendfile"
+        );
+    }
+}
+
+trait ConnSend: Conn + Send {}
+impl<T: Conn + Send> ConnSend for T {}
+
+/// Reads a write's reply in either format; returns its cookie.
+async fn simple_or_done(c: &mut impl Conn, structured: bool) -> u64 {
+    if structured {
+        let mut hdr = [0u8; 20];
+        c.read_exact(&mut hdr).await.expect("done chunk");
+        assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_NONE);
+        u64::from_be_bytes(hdr[8..16].try_into().unwrap())
+    } else {
+        let (cookie, err) = simple_reply(c).await;
+        assert_eq!(err, 0);
+        cookie
+    }
+}
+
+/// Reads the next read reply, whatever its cookie (replies of one connection may come in
+/// any order), using the cookie to learn its length; returns (cookie, data).
+async fn next_read_reply(
+    c: &mut impl Conn,
+    structured: bool,
+    reads: &[(u64, u32)],
+) -> (u64, Vec<u8>) {
+    let hlen = if structured { 20 + 8 } else { 16 };
+    let mut hdr = vec![0u8; hlen];
+    c.read_exact(&mut hdr).await.expect("reply header");
+    let cookie = u64::from_be_bytes(hdr[8..16].try_into().unwrap());
+    let (off, len) = reads[(cookie - 100) as usize];
+    if structured {
+        assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(u64::from_be_bytes(hdr[20..28].try_into().unwrap()), off);
+    } else {
+        assert_eq!(u32::from_be_bytes(hdr[4..8].try_into().unwrap()), 0);
+    }
+    let mut data = vec![0u8; len as usize];
+    c.read_exact(&mut data).await.expect("reply data");
+    (cookie, data)
 }

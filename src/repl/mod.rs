@@ -2270,6 +2270,14 @@ impl Backend for ReplicatedDisk {
         }
     }
 
+    fn cached_range(&self, offset: u64, len: usize) -> Option<crate::storage::FileRange> {
+        // A node whose disk failed reads through its peer.
+        if self.health.diskless() {
+            return None;
+        }
+        self.disk.cached_range(offset, len)
+    }
+
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), StorageError> {
         let Some(r) = &self.repl else {
             return self.disk.write(offset, data, fua).await;

@@ -13,6 +13,7 @@
 //! A flush (and a FUA write) completes only once the data is durable (`fdatasync`).
 
 mod buf;
+mod cached;
 pub mod fault;
 mod sync;
 mod uring;
@@ -27,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use buf::IoBuf;
+pub use cached::FileRange;
 pub use fault::{FaultSpec, Faults};
 pub use sync::SyncBackend;
 pub use uring::UringBackend;
@@ -107,6 +109,13 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
         may_trim: bool,
     ) -> impl Future<Output = Result<()>> + Send;
+    /// The range as a file range every page of which is in the page cache now, so that a
+    /// reply can send it straight to a socket (`sendfile`) instead of reading it into memory
+    /// first; `None` when it is not all cached, or when a read must take the ordinary path
+    /// (injected faults, a failed disk read through the peer).
+    fn cached_range(&self, _offset: u64, _len: usize) -> Option<FileRange> {
+        None
+    }
 }
 
 /// Which engine to use.
@@ -154,10 +163,7 @@ impl Disk {
     /// pay the filesystem's block allocation write by write. Blocking. Returns `false` for a
     /// block device or a filesystem that cannot preallocate.
     pub fn preallocate_blocking(&self) -> Result<bool> {
-        let disk = match &self.engine {
-            Engine::Uring(b) => b.disk_file(),
-            Engine::Sync(b) => b.disk_file(),
-        };
+        let disk = self.disk_file();
         if disk.is_block || disk.size == 0 {
             return Ok(false);
         }
@@ -170,6 +176,13 @@ impl Disk {
                 len: disk.size,
                 source,
             }),
+        }
+    }
+
+    fn disk_file(&self) -> &Arc<DiskFile> {
+        match &self.engine {
+            Engine::Uring(b) => b.disk_file(),
+            Engine::Sync(b) => b.disk_file(),
         }
     }
 
@@ -267,6 +280,19 @@ impl Backend for Disk {
             Engine::Uring(b) => b.write_zeroes(offset, len, may_trim).await,
             Engine::Sync(b) => b.write_zeroes(offset, len, may_trim).await,
         }
+    }
+    fn cached_range(&self, offset: u64, len: usize) -> Option<FileRange> {
+        // Injected faults apply to reads, which a range sent from the cache would bypass.
+        if self.faults.is_some() {
+            return None;
+        }
+        let disk = self.disk_file();
+        disk.check_range("read", offset, len as u64).ok()?;
+        cached::resident(&disk.file, offset, len).then(|| FileRange {
+            file: Arc::clone(&disk.file),
+            offset,
+            len,
+        })
     }
 }
 
