@@ -9,6 +9,12 @@
 //! recently used idle extents when the log is full. An extent is idle when no write to it is
 //! waiting for the peer.
 //!
+//! While the peer is away (or not yet replicating), a write must be marked out of sync
+//! before it is answered. It holds its extent in the log too, and its bits are set in the
+//! in-memory bitmap only: an extent leaves the log only after a bitmap flush, so at every
+//! instant each block written without the peer is in a persisted extent or in the persisted
+//! bitmap. A disconnected primary thus pays one metadata write per new extent, not per write.
+//!
 //! After a crash, every extent in the log is marked out of sync, so the resync after the
 //! reconnect covers the writes in flight at the crash: bounded by the log's size
 //! (`[sync] al_extents` × 4 MiB, at most `ACTIVITY_MAX`), never the whole device, never
@@ -136,7 +142,7 @@ impl ActivityLog {
                 break;
             }
             let idle = self.idle.notified();
-            let Some((new_set, added)) = self.next_set(&range) else {
+            let Some((new_set, added, evicts)) = self.next_set(&range) else {
                 // Every extent is busy: wait for one to become idle.
                 drop(_tx);
                 idle.await;
@@ -144,10 +150,21 @@ impl ActivityLog {
             };
             let m = Arc::clone(&self.meta);
             let persisted = new_set.clone();
-            tokio::task::spawn_blocking(move || lock(&m).update(|sb| sb.activity = persisted))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("cannot write the activity log: {e}"))?;
+            tokio::task::spawn_blocking(move || {
+                let mut store = lock(&m);
+                if evicts {
+                    // Writes made without the peer mark their blocks in memory only, covered
+                    // by the log: an extent leaves it only once those bits are on disk.
+                    store
+                        .flush_bitmap()
+                        .map_err(|e| format!("cannot write the bitmap: {e}"))?;
+                }
+                store
+                    .update(|sb| sb.activity = persisted)
+                    .map_err(|e| format!("cannot write the activity log: {e}"))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
             self.transactions
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             {
@@ -183,9 +200,13 @@ impl ActivityLog {
 
     /// The set the next transaction writes: everything in the log that stays, `range`'s
     /// missing extents, and as many other wanted extents as fit. Evicted extents (least
-    /// recently used idle ones) leave the in-memory set now. Returns the set and the extents
-    /// it adds, or `None` if `range` cannot fit until an extent becomes idle.
-    fn next_set(&self, range: &std::ops::RangeInclusive<u64>) -> Option<(Vec<u64>, Vec<u64>)> {
+    /// recently used idle ones) leave the in-memory set now. Returns the set, the extents it
+    /// adds and whether it evicts any, or `None` if `range` cannot fit until an extent
+    /// becomes idle.
+    fn next_set(
+        &self,
+        range: &std::ops::RangeInclusive<u64>,
+    ) -> Option<(Vec<u64>, Vec<u64>, bool)> {
         let mut g = lock(&self.inner);
         let mine: Vec<u64> = range
             .clone()
@@ -218,7 +239,7 @@ impl ActivityLog {
         }
         let mut set: Vec<u64> = g.active.keys().copied().collect();
         set.extend(added.iter().copied());
-        Some((set, added))
+        Some((set, added, excess > 0))
     }
 
     /// Takes the extents if all are already in the log.
@@ -334,6 +355,32 @@ mod tests {
         assert!(set.contains(&0));
         assert!(!set.contains(&1));
         drop(busy);
+    }
+
+    /// Bits set in memory under a held extent reach the disk before the extent leaves the
+    /// log, and adding an extent to a log with room writes no bitmap.
+    #[tokio::test]
+    async fn an_extent_leaves_the_log_only_after_a_bitmap_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = store(dir.path());
+        let log = ActivityLog::new(Arc::clone(&m), 2);
+        let h = log.hold(0, 4096).await.expect("hold");
+        lock(&m).set_dirty_lazy(0, 4096);
+        drop(h);
+        let h = log.hold(ACTIVITY_EXTENT, 4096).await.expect("hold");
+        lock(&m).set_dirty_lazy(ACTIVITY_EXTENT, 4096);
+        drop(h);
+        assert!(lock(&m).has_unflushed(), "no eviction yet: the bits wait");
+        let _h = log.hold(2 * ACTIVITY_EXTENT, 1).await.expect("hold");
+        let s = lock(&m);
+        assert!(!s.superblock().activity.contains(&0), "extent 0 evicted");
+        assert!(!s.has_unflushed(), "the eviction flushed the bitmap first");
+        drop(s);
+        // What is on disk now: reopen the metadata and look.
+        let loc = MetaLocation::External(dir.path().join("m"));
+        let (reopened, _) = MetaStore::open(&loc).expect("reopen");
+        assert!(reopened.bitmap().is_all_dirty(0, 4096));
+        assert!(reopened.bitmap().is_all_dirty(ACTIVITY_EXTENT, 4096));
     }
 
     /// A log of one extent: a write to a second extent waits until the first is idle, then

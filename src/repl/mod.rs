@@ -240,6 +240,28 @@ impl DirtyMarker {
         }
     }
 
+    /// Marks `[offset, offset+len)` out of sync for a write whose extents the caller holds in
+    /// the activity log: in memory only, since an extent leaves the log only after a bitmap
+    /// flush. The first such write of a primary that lost its peer goes through [`Self::mark`],
+    /// which moves the data generation on durably first.
+    pub async fn mark_held(&self, offset: u64, len: u64) -> Result<(), String> {
+        {
+            let mut m = lock(&self.meta);
+            let tracking = !self.primary.load(Ordering::SeqCst)
+                || m.superblock().generations.bitmap != 0
+                || m.superblock().generations.current == 0;
+            if tracking {
+                if !m.bitmap().is_all_dirty(offset, len) {
+                    m.set_dirty_lazy(offset, len);
+                    drop(m);
+                    self.marked.notify_one();
+                }
+                return Ok(());
+            }
+        }
+        self.mark(offset, len).await
+    }
+
     /// Returns once `[offset, offset+len)` is marked out of sync on disk.
     pub async fn mark(&self, offset: u64, len: u64) -> Result<(), String> {
         {
@@ -2214,12 +2236,23 @@ impl ReplicatedDisk {
                 )),
             };
         }
-        if wait.is_none() {
-            r.marker
-                .mark(offset, len)
-                .await
-                .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
-        }
+        // Not sent to the peer: marked out of sync before it reaches the disk, held in the
+        // activity log meanwhile (see `activity`).
+        let _hold = match wait {
+            Some(_) => None,
+            None => {
+                let hold = r
+                    .activity
+                    .hold(offset, len)
+                    .await
+                    .map_err(|e| meta_err("activity log", offset, len, e))?;
+                r.marker
+                    .mark_held(offset, len)
+                    .await
+                    .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
+                Some(hold)
+            }
+        };
         let Some(payload) = payload else {
             unreachable!("the payload is always handed back")
         };

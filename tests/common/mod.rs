@@ -1844,6 +1844,8 @@ pub struct PairOpts {
     pub heartbeat_ms: Option<(u64, u64)>,
     /// `sync.rate_mb_s` (MiB/s); unlimited when `None`.
     pub rate_mb_s: Option<u64>,
+    /// `sync.al_extents`; the default when `None`.
+    pub al_extents: Option<u32>,
     /// A secret for beta's resource file that differs from alpha's.
     pub beta_secret: Option<String>,
     /// Alpha reaches beta through a [`FaultProxy`]: alpha's resource file names the proxy as
@@ -1859,6 +1861,7 @@ impl Default for PairOpts {
             protocol: None,
             heartbeat_ms: None,
             rate_mb_s: None,
+            al_extents: None,
             beta_secret: None,
             proxy: false,
         }
@@ -2172,8 +2175,14 @@ impl Pair {
                 "\n[heartbeat]\ninterval_ms = {interval}\ntimeout_ms = {timeout}\n"
             ));
         }
+        if self.opts.rate_mb_s.is_some() || self.opts.al_extents.is_some() {
+            s.push_str("\n[sync]\n");
+        }
         if let Some(rate) = self.opts.rate_mb_s {
-            s.push_str(&format!("\n[sync]\nrate_mb_s = {rate}\n"));
+            s.push_str(&format!("rate_mb_s = {rate}\n"));
+        }
+        if let Some(n) = self.opts.al_extents {
+            s.push_str(&format!("al_extents = {n}\n"));
         }
         s.push('\n');
         s.push_str(&self.alpha.node_section(self.alpha.replication));
