@@ -14,7 +14,9 @@
 #                      (one node, promoted by force), pair (two twinbd nodes
 #                      on loopback, alpha primary replicating to beta, both
 #                      on SERVER_CPUS; best with --order matrix since each
-#                      start waits for a full initial sync).  The first one
+#                      start waits for a full initial sync), alone (alpha of a
+#                      two-node resource whose peer never starts: every write
+#                      is marked out of sync for the peer).  The first one
 #                      is the reference unless --ref says otherwise.
 #   --server NAME=URI  also measure an NBD server that is already running at
 #                      URI (not started/stopped here; its disk is filled by
@@ -409,20 +411,38 @@ stop_server_pair() {
     PAIR_PIDS=()
 }
 
+# -- alone: a primary whose configured peer never comes (disconnected operation:
+# every write is marked out of sync for the peer's eventual return).
+start_server_alone() {
+    local dir=$1 disk=$2 bin=$TWINBD_BIN
+    local conf=$dir/alone.toml
+    nbd_endpoint "$dir" alpha; local alpha_addr=$EP_ADDR alpha_uri=$EP_URI
+    nbd_endpoint "$dir" beta; local beta_addr=$EP_ADDR
+    twinbd_resource "$conf" bench "$dir" \
+        "alpha:$disk:$alpha_addr:$(free_port)" "beta:$dir/beta.img:$beta_addr:$(free_port)"
+    twinbd_start_node "$bin" "$conf" alpha "$dir" "twinbd alpha (peer absent)" || return 1
+    TWINBD_PIDS=("$NODE_PID")
+    timeout 30 "$bin" promote -c "$conf" -n alpha --force >"$dir/promote.log" 2>&1 \
+        || { log "promote failed:"; cat "$dir/promote.log" >&2; return 1; }
+    SERVER_URI=$alpha_uri
+    wait_nbd "$SERVER_URI" "$NODE_PID" 30
+}
+stop_server_alone() { stop_server_twinbd "$@"; }
+
 # -- external servers (--server NAME=URI): already running, not ours to stop.
 start_server_external() { SERVER_URI=${EXTERNAL_URI[$3]}; wait_nbd "$SERVER_URI" "" 10; }
 stop_server_external() { :; }
 
 for s in "${SERVERS[@]}"; do
     if [ -z "${EXTERNAL_URI[$s]:-}" ] && ! declare -F "start_server_$s" >/dev/null; then
-        die "unknown server '$s' (built in: nbdkit twinbd pair; or --server NAME=URI)"
+        die "unknown server '$s' (built in: nbdkit twinbd pair alone; or --server NAME=URI)"
     fi
 done
 
 # The daemon's binary is found (or built) before anything is measured.
 TWINBD_BIN=""
 for s in "${SERVERS[@]}"; do
-    if [ -z "${EXTERNAL_URI[$s]:-}" ] && { [ "$s" = pair ] ||
+    if [ -z "${EXTERNAL_URI[$s]:-}" ] && { [ "$s" = pair ] || [ "$s" = alone ] ||
         { [ "$s" = twinbd ] && [ -z "${TWINBD_CMD_OVERRIDE:-}" ]; }; }; then
         TWINBD_BIN=$(twinbd_bin) || exit 1
         break

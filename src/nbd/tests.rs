@@ -580,3 +580,53 @@ async fn next_read_reply(
     c.read_exact(&mut data).await.expect("reply data");
     (cookie, data)
 }
+
+/// The idle poll reads what a socket holds at once, gives up after its window when nothing
+/// comes, sees the end of the stream, and declines on a source without a socket.
+#[tokio::test]
+async fn idle_poll_reads_a_socket_without_the_reactor() {
+    use bytes::BytesMut;
+    use std::time::{Duration, Instant};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let mut c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (s, _) = l.accept().await.expect("accept");
+    let (mut r, _w) = s.into_split();
+    let mut buf = BytesMut::new();
+    let t = Instant::now();
+    let res = poll_briefly(&mut r, &mut buf).expect("sockets can be polled");
+    assert_eq!(
+        res.expect_err("nothing sent").kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+    assert!(t.elapsed() >= Duration::from_micros(50));
+    c.write_all(b"request").await.expect("send");
+    // Loopback delivers at once; allow the scheduler a few rounds all the same.
+    let mut got = 0;
+    for _ in 0..1000 {
+        match poll_briefly(&mut r, &mut buf).expect("poll") {
+            Ok(n) => {
+                got = n;
+                break;
+            }
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        }
+    }
+    assert_eq!(got, 7);
+    assert_eq!(&buf[..], b"request");
+    drop(c);
+    let mut eof = false;
+    for _ in 0..1000 {
+        if let Ok(0) = poll_briefly(&mut r, &mut buf).expect("poll") {
+            eof = true;
+            break;
+        }
+    }
+    assert!(eof, "the end of the stream is seen");
+    let (a, _b) = tokio::io::duplex(64);
+    let (mut pr, _pw) = tokio::io::split(a);
+    assert!(poll_briefly(&mut pr, &mut buf).is_none());
+}
