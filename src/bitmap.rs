@@ -44,7 +44,7 @@ pub enum BitmapError {
     )]
     InvalidGranularity(u32),
     /// The bitmap for this device size does not fit in memory.
-    #[error("a dirty bitmap for {device_size} bytes at granularity {granularity} needs {words} words, which cannot be allocated")]
+    #[error("a dirty bitmap for {device_size} bytes at granularity {granularity} needs {words} words, more than can be allocated (at most 2^32 words, 1 PiB at 4 KiB per bit)")]
     TooLarge {
         /// Device size in bytes.
         device_size: u64,
@@ -105,6 +105,7 @@ impl Bitmap {
     /// Creates an all-clean bitmap, reporting invalid parameters or allocation
     /// failure as an error instead of panicking.
     pub fn try_new(device_size: u64, granularity: u32) -> Result<Bitmap, BitmapError> {
+        const MAX_WORDS: u64 = 1 << 32;
         if !valid_granularity(granularity) {
             return Err(BitmapError::InvalidGranularity(granularity));
         }
@@ -115,6 +116,11 @@ impl Bitmap {
             granularity,
             words: nwords,
         };
+        // Beyond this the allocation below might "succeed" by overcommit and fail later;
+        // 2^32 words (32 GiB of bitmap) cover 1 PiB at the default 4 KiB granularity.
+        if nwords > MAX_WORDS {
+            return Err(too_large());
+        }
         let n = usize::try_from(nwords).map_err(|_| too_large())?;
         let mut words = Vec::new();
         words.try_reserve_exact(n).map_err(|_| too_large())?;
