@@ -7,6 +7,7 @@
 //! * [`config`]: the resource file.
 //! * [`node`]: the daemon: role rules, control socket, NBD export lifecycle.
 //! * [`control`] / [`status`]: the control protocol and the status object of the CLI.
+//! * [`sockpoll`]: the brief socket poll of readers whose other end answers quickly.
 
 pub mod bitmap;
 pub mod config;
@@ -19,5 +20,6 @@ pub mod nbd;
 pub mod node;
 pub mod peer;
 pub mod repl;
+pub mod sockpoll;
 pub mod status;
 pub mod storage;

@@ -41,9 +41,6 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 /// are cached (one copy fewer). Smaller replies go out together in one `writev`, which costs
 /// less than a `sendfile` each.
 const SENDFILE_MIN: u32 = 64 * 1024;
-/// How long an idle session polls its socket for the next request before it waits on the
-/// reactor (only while the client has been sending its requests within this window).
-const IDLE_POLL: Duration = Duration::from_micros(50);
 
 /// The data an export serves: a storage backend and its visible size.
 pub struct Export<B: Backend> {
@@ -578,10 +575,8 @@ where
         let mut result = Ok(());
         // Replies being written; `self.out` collects new ones meanwhile.
         let mut wq = OutQueue::default();
-        // Whether to poll the socket briefly when idle (see `poll_briefly`), and since when
-        // the session has been idle.
-        let mut poll_idle = true;
-        let mut idle_since: Option<std::time::Instant> = None;
+        // Whether to poll the socket briefly when idle (see `poll_briefly`).
+        let mut idle_poll = crate::sockpoll::IdlePoll::default();
         loop {
             // Turn everything already buffered into requests before waiting on anything.
             if reading {
@@ -608,21 +603,18 @@ where
                 && pending.is_empty()
                 && wq.is_empty()
                 && matches!(rstate, ReadState::Header);
-            if idle && idle_since.is_none() {
-                idle_since = Some(std::time::Instant::now());
-            }
-            if idle && poll_idle {
+            if idle && idle_poll.waiting() {
                 match poll_briefly(&mut self.r, &mut self.rbuf) {
-                    None => poll_idle = false,
+                    None => idle_poll.missed(),
                     Some(Ok(0)) => {
                         reading = false;
                         continue;
                     }
                     Some(Ok(_)) => {
-                        idle_since = None;
+                        idle_poll.arrived();
                         continue;
                     }
-                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => poll_idle = false,
+                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => idle_poll.missed(),
                     Some(Err(e)) => {
                         result = Err(e.into());
                         reading = false;
@@ -665,13 +657,7 @@ where
                     return result;
                 }
                 Event::Read(Ok(0)) => reading = false,
-                Event::Read(Ok(_)) => {
-                    // A client that sends its next request within the polling window right
-                    // after a reply gets polled for the following one.
-                    if let Some(t) = idle_since.take() {
-                        poll_idle = t.elapsed() <= IDLE_POLL;
-                    }
-                }
+                Event::Read(Ok(_)) => idle_poll.arrived(),
                 Event::Read(Err(e)) => {
                     result = Err(e.into());
                     reading = false;
@@ -779,31 +765,15 @@ where
     }
 }
 
-/// With nothing in flight, polls the socket for up to [`IDLE_POLL`] before the session goes
-/// back to the reactor: a client that sends one request at a time usually sends the next one
-/// within that window, and reading it at once saves the reactor's round (park, `epoll_wait`,
-/// the wake-up of an idle CPU, the task's dispatch), which costs more than the request
-/// itself. Returns what the last read returned (`WouldBlock` when the window passed with
-/// nothing), or `None` if this source cannot be read that way.
+/// With nothing in flight, polls the socket for the next request before the session goes
+/// back to the reactor (`crate::sockpoll`). Returns what the last read returned
+/// (`WouldBlock` when nothing came), or `None` if this source is not a socket.
 pub(crate) fn poll_briefly<R: RequestSource>(
     r: &mut R,
     rbuf: &mut BytesMut,
 ) -> Option<io::Result<usize>> {
-    if rbuf.capacity() - rbuf.len() < 64 * 1024 {
-        rbuf.reserve(256 * 1024);
-    }
-    let start = std::time::Instant::now();
-    loop {
-        match r.read_now(rbuf)? {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if start.elapsed() >= IDLE_POLL {
-                    return Some(Err(e));
-                }
-                std::hint::spin_loop();
-            }
-            res => return Some(res),
-        }
-    }
+    r.socket_fd()
+        .map(|fd| crate::sockpoll::poll_socket(fd, rbuf))
 }
 
 /// Reads more bytes: large write payloads straight into their buffer, everything else into the

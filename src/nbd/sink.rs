@@ -1,8 +1,8 @@
 //! The socket side of a session. Replies go to a [`ReplySink`]: a byte stream, and for
 //! sockets also `sendfile`, so that read data in the page cache reaches the client without
 //! being copied into this process first. Requests come from a [`RequestSource`]: a byte
-//! stream, and for sockets also a non-blocking read that bypasses the reactor, for the short
-//! poll between a reply and the next request of a client that sends one at a time.
+//! stream, and for sockets also the socket itself, for the short poll between a reply and the
+//! next request of a client that sends one at a time (`crate::sockpoll`).
 
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -191,44 +191,22 @@ impl<T: AsyncRead + AsyncWrite + Send> ReplySink for tokio::io::WriteHalf<T> {}
 
 /// The reading half of a client connection.
 pub trait RequestSource: AsyncRead + Unpin + Send {
-    /// Reads what the socket holds now into `buf`'s spare capacity, without waiting and
-    /// without the reactor: `Some(Ok(0))` at end of stream, `Some(Err(WouldBlock))` when
-    /// nothing is there, `None` when this source cannot do it.
-    fn read_now(&mut self, _buf: &mut bytes::BytesMut) -> Option<io::Result<usize>> {
+    /// The socket, for reads that bypass the reactor (`crate::sockpoll`); `None` for a
+    /// source that is not a socket.
+    fn socket_fd(&self) -> Option<RawFd> {
         None
     }
 }
 
-/// One `recv(MSG_DONTWAIT)` into the spare capacity of `buf`, retried on EINTR.
-fn recv_now(sock: RawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-    use bytes::BufMut;
-    let spare = buf.chunk_mut();
-    let (ptr, len) = (spare.as_mut_ptr(), spare.len());
-    loop {
-        // SAFETY: the kernel writes at most `len` bytes into the spare capacity, which is
-        // valid for writes; no uninitialised byte is read.
-        let n = unsafe { libc::recv(sock, ptr.cast(), len, libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-            unsafe { buf.advance_mut(n as usize) };
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 impl RequestSource for tokio::net::tcp::OwnedReadHalf {
-    fn read_now(&mut self, buf: &mut bytes::BytesMut) -> Option<io::Result<usize>> {
-        Some(recv_now(self.as_ref().as_raw_fd(), buf))
+    fn socket_fd(&self) -> Option<RawFd> {
+        Some(self.as_ref().as_raw_fd())
     }
 }
 
 impl RequestSource for tokio::net::unix::OwnedReadHalf {
-    fn read_now(&mut self, buf: &mut bytes::BytesMut) -> Option<io::Result<usize>> {
-        Some(recv_now(self.as_ref().as_raw_fd(), buf))
+    fn socket_fd(&self) -> Option<RawFd> {
+        Some(self.as_ref().as_raw_fd())
     }
 }
 
