@@ -2,9 +2,12 @@
 # tools/bench-resync.sh — resync throughput against the slower of disk and link, same run.
 #
 # Measures, one after the other on this machine:
-#   disk   sequential 1 MiB writes to a file on the bench filesystem (fio psync, fsync at end)
+#   disk   sequential 1 MiB writes to a file on the bench filesystem (fio psync, fsync at
+#          end) and sequential reads of it from a cold page cache; the slower counts, as a
+#          resync reads the source's disk and writes the target's
 #   link   TCP throughput over loopback (iperf3, one stream)
-#   full   the first full sync of a two-node pair (SIZE bytes, random data on the source)
+#   full   the first full sync of a two-node pair (SIZE bytes, random data on the source,
+#          flushed to its disk and dropped from the page cache first)
 #   bitmap a bitmap resync after the secondary was away while the primary wrote CHANGED bytes
 # and prints each resync rate with its ratio to min(disk, link).
 #
@@ -32,10 +35,23 @@ bytes() { numfmt --from=iec "$1"; }
 size_b=$(bytes "$SIZE")
 changed_b=$(bytes "$CHANGED")
 
+# A resync reads the source's disk and writes the target's: the disk reference is the slower
+# of a sequential write (with its fsync) and a sequential read from a cold cache.
+drop_caches() {
+    sync
+    if [ -w /proc/sys/vm/drop_caches ]; then echo 3 > /proc/sys/vm/drop_caches; fi
+}
+fio_mbs() {
+    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):]); print(round(j["jobs"][0][sys.argv[1]]["bw_bytes"]/1e6))' "$1"
+}
+
 # --- references -------------------------------------------------------------------------
-disk_mbs=$(fio --name=disk --filename="$work/ref.img" --ioengine=psync --rw=write --bs=1M \
-    --size="$SIZE" --end_fsync=1 --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):]); print(round(j["jobs"][0]["write"]["bw_bytes"]/1e6))')
+disk_w=$(fio --name=disk --filename="$work/ref.img" --ioengine=psync --rw=write --bs=1M \
+    --size="$SIZE" --end_fsync=1 --output-format=json 2>/dev/null | fio_mbs write)
+drop_caches
+disk_r=$(fio --name=disk --filename="$work/ref.img" --ioengine=psync --rw=read --bs=1M \
+    --size="$SIZE" --output-format=json 2>/dev/null | fio_mbs read)
+disk_mbs=$(( disk_w < disk_r ? disk_w : disk_r ))
 rm -f "$work/ref.img"
 iperf3 -s -1 -p 25201 >/dev/null 2>&1 &
 pids+=($!)
@@ -68,6 +84,8 @@ EOF
 chmod 600 "$conf"
 head -c "$size_b" /dev/urandom > "$work/alpha.img"
 truncate -s "$size_b" "$work/beta.img"
+# The source's data is on its disk, not in flight to it, when the sync starts.
+drop_caches
 "$BIN" create-md -c "$conf" -n alpha >/dev/null
 "$BIN" create-md -c "$conf" -n beta >/dev/null
 
@@ -122,7 +140,7 @@ echo "## resync throughput ($(date -u +%F), SIZE=$SIZE CHANGED=$CHANGED, files i
 echo
 echo "| measure | MB/s | ratio to min(disk, link) |"
 echo "|---|---:|---:|"
-echo "| disk: sequential 1 MiB writes (fio psync) | $disk_mbs | |"
+echo "| disk: sequential 1 MiB writes with fsync / cold reads (fio psync) | $disk_w / $disk_r | |"
 echo "| link: loopback TCP (iperf3, 1 stream) | $link_mbs | |"
 echo "| full sync of $SIZE (from promote to up to date: $full_wall MB/s) | $full_mbs | $(python3 -c "print(round($full_mbs/$ref,2))") |"
 echo "| bitmap resync: $copied bytes copied for $changed_b written | $bitmap_mbs | $(python3 -c "print(round($bitmap_mbs/$ref,2))") |"
