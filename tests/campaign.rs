@@ -1687,6 +1687,28 @@ fn crash_of_disconnected_primary_loses_nothing() {
     crash_runs(true);
 }
 
+/// What the disk files of both nodes hold at the blocks a read-back found wrong, to tell a
+/// lost write (the disk lacks it) from a wrong reply (the disk has it).
+fn on_disk(pair: &Pair, bad: &[BadBlock]) -> Vec<(u64, Option<Content>, Option<Content>)> {
+    use std::os::unix::fs::FileExt;
+    let read = |path: &Path, offset: u64| {
+        let mut buf = vec![0u8; BLOCK as usize];
+        fs::File::open(path)
+            .and_then(|f| f.read_exact_at(&mut buf, offset))
+            .ok()
+            .map(|()| decode_block(&buf, offset))
+    };
+    bad.iter()
+        .map(|b| {
+            (
+                b.offset,
+                read(&pair.alpha.disk, b.offset),
+                read(&pair.beta.disk, b.offset),
+            )
+        })
+        .collect()
+}
+
 /// Kills the primary with `kill -9` under a write load, `CRASH_RUNS` times (3 by default),
 /// restarts it and checks every acknowledged write and the resync's size. With
 /// `disconnected`, the secondary is down during each load period and starts again with the
@@ -1770,9 +1792,11 @@ fn crash_runs(disconnected: bool) {
         let (bad, seen) = load.model().check(&data);
         assert!(
             bad.is_empty(),
-            "crash run {run_no} (seed {seed:#x}): {} block(s) lost acknowledged writes: {:?}",
+            "crash run {run_no} (seed {seed:#x}): {} block(s) lost acknowledged writes: {:?}; \
+             the same blocks in the disk files (alpha, beta): {:?}",
             bad.len(),
-            &bad[..bad.len().min(10)]
+            &bad[..bad.len().min(10)],
+            on_disk(&pair, &bad[..bad.len().min(10)])
         );
         let (div, runs_) = divergent(&pair.alpha.disk, &pair.beta.disk, &hot);
         assert_eq!(
