@@ -43,7 +43,7 @@ pub trait ReplySink: AsyncWrite + Unpin + Send {
 }
 
 /// What `sendfile` needs from a tokio socket.
-trait Socket: AsRawFd {
+pub trait Socket: AsRawFd {
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
 }
@@ -142,29 +142,27 @@ fn poll_sendfile_on<S: Socket>(
     }
 }
 
-impl ReplySink for tokio::net::tcp::OwnedWriteHalf {
-    fn can_sendfile(&self) -> bool {
-        true
-    }
-    fn poll_sendfile(
-        &mut self,
-        cx: &mut Context<'_>,
-        file: &File,
-        offset: u64,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        poll_sendfile_on(self.as_ref(), cx, file, offset, len)
-    }
-    fn poll_write_more(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        poll_send_more_on(self.as_ref(), cx, bufs)
+/// The writing half of a socket, which knows its socket.
+pub trait SocketHalf: AsyncWrite + Unpin + Send {
+    type Sock: Socket;
+    fn socket(&self) -> &Self::Sock;
+}
+
+impl SocketHalf for tokio::net::tcp::OwnedWriteHalf {
+    type Sock = tokio::net::TcpStream;
+    fn socket(&self) -> &Self::Sock {
+        self.as_ref()
     }
 }
 
-impl ReplySink for tokio::net::unix::OwnedWriteHalf {
+impl SocketHalf for tokio::net::unix::OwnedWriteHalf {
+    type Sock = tokio::net::UnixStream;
+    fn socket(&self) -> &Self::Sock {
+        self.as_ref()
+    }
+}
+
+impl<W: SocketHalf> ReplySink for W {
     fn can_sendfile(&self) -> bool {
         true
     }
@@ -175,14 +173,14 @@ impl ReplySink for tokio::net::unix::OwnedWriteHalf {
         offset: u64,
         len: usize,
     ) -> Poll<io::Result<usize>> {
-        poll_sendfile_on(self.as_ref(), cx, file, offset, len)
+        poll_sendfile_on(self.socket(), cx, file, offset, len)
     }
     fn poll_write_more(
         &mut self,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        poll_send_more_on(self.as_ref(), cx, bufs)
+        poll_send_more_on(self.socket(), cx, bufs)
     }
 }
 
