@@ -1996,7 +1996,7 @@ impl Replicator {
                 self.0.store(false, Ordering::SeqCst);
             }
         }
-        let _done = Done(&self.resyncing);
+        let done = Done(&self.resyncing);
         // The target first sends the regions it knows differ; they join ours.
         loop {
             let notified = peer.bitmap_done.notified();
@@ -2034,67 +2034,80 @@ impl Replicator {
         let started = Instant::now();
         let mut sent: u64 = 0;
         let mut last_flush = Instant::now();
-        for _round in 0..3 {
+        let mut passes = 0;
+        let current = loop {
+            passes += 1;
             let runs: Vec<(u64, u64)> = lock(&self.meta).bitmap().iter_dirty_runs().collect();
-            if runs.is_empty() {
-                break;
-            }
-            for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
-                if let Some(rate) = self.set.rate_bytes_per_s {
-                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
+            if !runs.is_empty() {
+                for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
+                    if let Some(rate) = self.set.rate_bytes_per_s {
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    let permits = (len.div_ceil(1024)) as u32;
+                    let permit = Arc::clone(&peer.resync_window)
+                        .acquire_many_owned(permits)
+                        .await
+                        .map_err(|_| "resync window closed".to_string())?;
+                    if peer.is_dead() {
+                        return Err("link lost during the resync".into());
+                    }
+                    let mut t = self.conflicts.register(off, len);
+                    t.wait().await;
+                    let data = self
+                        .disk
+                        .read(off, len as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    lock(&peer.inner).resync.insert(off, (len, permit));
+                    peer.send_data(&Msg::ResyncData { offset: off, data })
+                        .await?;
+                    drop(t);
+                    sent += len;
+                    if last_flush.elapsed() > Duration::from_secs(1) {
+                        last_flush = Instant::now();
+                        let m = Arc::clone(&self.meta);
+                        let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
                     }
                 }
-                let permits = (len.div_ceil(1024)) as u32;
-                let permit = Arc::clone(&peer.resync_window)
-                    .acquire_many_owned(permits)
+                // Wait for every acknowledgement: all permits back.
+                let all = (RESYNC_WINDOW >> 10) as u32;
+                let _ = Arc::clone(&peer.resync_window)
+                    .acquire_many_owned(all)
                     .await
                     .map_err(|_| "resync window closed".to_string())?;
                 if peer.is_dead() {
                     return Err("link lost during the resync".into());
                 }
-                let mut t = self.conflicts.register(off, len);
-                t.wait().await;
-                let data = self
-                    .disk
-                    .read(off, len as usize)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                lock(&peer.inner).resync.insert(off, (len, permit));
-                peer.send_data(&Msg::ResyncData { offset: off, data })
-                    .await?;
-                drop(t);
-                sent += len;
-                if last_flush.elapsed() > Duration::from_secs(1) {
-                    last_flush = Instant::now();
-                    let m = Arc::clone(&self.meta);
-                    let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
+            }
+            // Finish only if nothing is marked, checked under the metadata lock together with
+            // the generation update: a write of this primary that took the unreplicated path
+            // (it started before replication did) either marked its range before this check,
+            // and is copied by another pass, or marks it after, when the bitmap generation is
+            // already 0, and then moves the data generation on durably, so that this node
+            // stays the sync source for it after a crash (see `DirtyMarker::mark_held`).
+            let m = Arc::clone(&self.meta);
+            let finished = tokio::task::spawn_blocking(move || {
+                let mut s = lock(&m);
+                if s.bitmap().dirty_bytes() != 0 {
+                    return Ok(None);
                 }
+                s.flush_bitmap()?;
+                s.update(|sb| sb.generations.bitmap = 0)?;
+                Ok::<Option<u64>, crate::meta::MetaError>(Some(s.superblock().generations.current))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            if let Some(current) = finished {
+                break current;
             }
-            // Wait for every acknowledgement: all permits back.
-            let all = (RESYNC_WINDOW >> 10) as u32;
-            let _ = Arc::clone(&peer.resync_window)
-                .acquire_many_owned(all)
-                .await
-                .map_err(|_| "resync window closed".to_string())?;
-            if peer.is_dead() {
-                return Err("link lost during the resync".into());
+            if passes >= 3 {
+                return Err("regions stayed out of sync after three passes".into());
             }
-        }
-        if lock(&self.meta).bitmap().dirty_bytes() != 0 {
-            return Err("regions stayed out of sync after three passes".into());
-        }
-        let m = Arc::clone(&self.meta);
-        let current = tokio::task::spawn_blocking(move || {
-            let mut s = lock(&m);
-            s.flush_bitmap()?;
-            s.update(|sb| sb.generations.bitmap = 0)?;
-            Ok::<u64, crate::meta::MetaError>(s.superblock().generations.current)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        };
         peer.send_data(&Msg::ResyncDone { current }).await?;
         lock(&self.view).resync = None;
         *lock(&peer.decision) = Some(Decision::InSync);
@@ -2107,6 +2120,10 @@ impl Replicator {
             mb_per_s = format_args!("{:.1}", sent as f64 / secs.max(1e-9) / 1e6),
             "resync finished"
         );
+        // A range marked while this resync was finishing found it still running and was left
+        // for later: look again now that it is over.
+        drop(done);
+        self.marker.marked.notify_one();
         Ok(())
     }
 }
