@@ -191,11 +191,11 @@ pub async fn serve<B: Backend>(
                         Stream::Tcp(s) => {
                             let _ = s.set_nodelay(true);
                             let (r, w) = s.into_split();
-                            run_session(r, w, &ctx).await
+                            run_session(r, super::sink::SocketSink::new(w), &ctx).await
                         }
                         Stream::Unix(s) => {
                             let (r, w) = s.into_split();
-                            run_session(r, w, &ctx).await
+                            run_session(r, super::sink::SocketSink::new(w), &ctx).await
                         }
                     };
                     match result {

@@ -481,7 +481,7 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
             let (s, _) = tcp.accept().await.expect("accept");
             let task = tokio::spawn(async move {
                 let (r, w) = s.into_split();
-                run_session(r, w, &ctx).await
+                run_session(r, super::sink::SocketSink::new(w), &ctx).await
             });
             (Box::new(c), task)
         } else {
@@ -491,7 +491,7 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
             let (s, _) = unix.accept().await.expect("accept");
             let task = tokio::spawn(async move {
                 let (r, w) = s.into_split();
-                run_session(r, w, &ctx).await
+                run_session(r, super::sink::SocketSink::new(w), &ctx).await
             });
             (Box::new(c), task)
         };
