@@ -23,7 +23,7 @@ pub const IDLE_POLL: Duration = Duration::from_micros(50);
 
 /// One `recv(MSG_DONTWAIT)` into the spare capacity of `buf` (which must have some),
 /// retried on EINTR.
-pub fn recv_now(sock: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+fn recv_now(sock: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
     let spare = buf.chunk_mut();
     let (ptr, len) = (spare.as_mut_ptr(), spare.len());
     loop {

@@ -5,8 +5,8 @@
 //! nothing), running the requests it has read (many in flight, polled in the same task, so
 //! no thread hand-off sits on the request path), and writing replies as they complete
 //! (vectored, batched: replies that complete together leave in one `writev`; large cached
-//! reads with `sendfile`). A session with nothing in flight polls its socket briefly before
-//! it waits on the reactor, while its client sends one request at a time.
+//! reads spliced from the page cache). A session with nothing in flight polls its socket
+//! briefly before it waits on the reactor, while its client sends one request at a time.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -37,10 +37,10 @@ const MAX_CONNECTIONS: usize = 256;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Preferred block size advertised to clients.
 pub const PREFERRED_BLOCK: u32 = 4096;
-/// Reads from this size on are sent from the page cache with `sendfile` when all their pages
-/// are cached (one copy fewer). Smaller replies go out together in one `writev`, which costs
-/// less than a `sendfile` each.
-const SENDFILE_MIN: u32 = 64 * 1024;
+/// Reads from this size on are spliced from the page cache to the socket when all their
+/// pages are cached (one copy fewer). Smaller replies go out together in one `writev`, which
+/// costs less than a splice each.
+const FILE_RANGE_MIN: u32 = 64 * 1024;
 
 /// The data an export serves: a storage backend and its visible size.
 pub struct Export<B: Backend> {
@@ -75,7 +75,7 @@ pub struct ServerCtx<B: Backend> {
     /// Requests served since start, for statistics.
     pub requests: AtomicU64,
     /// Read replies sent straight from the page cache.
-    pub sendfile_replies: AtomicU64,
+    pub file_range_replies: AtomicU64,
 }
 
 impl<B: Backend> ServerCtx<B> {
@@ -86,7 +86,7 @@ impl<B: Backend> ServerCtx<B> {
             state,
             clients: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            sendfile_replies: AtomicU64::new(0),
+            file_range_replies: AtomicU64::new(0),
         }
     }
 
@@ -259,7 +259,6 @@ where
     };
     let mut state = ctx.state.clone();
     let res = Transmission {
-        zero_copy: w.can_sendfile(),
         r,
         w,
         rbuf: BytesMut::with_capacity(256 * 1024),
@@ -424,7 +423,7 @@ struct Done {
     result: Result<Option<Chunk>, (u32, String)>,
 }
 
-/// Reply data: in memory, or a cached file range sent with `sendfile`.
+/// Reply data: in memory, or a cached file range spliced to the socket.
 enum Chunk {
     Mem(IoBuf),
     File(FileRange),
@@ -488,12 +487,13 @@ impl OutQueue {
     }
 
     /// Writes some of the front of the queue: the buffers in memory with one `writev`, or
-    /// a file range with one `sendfile`. Cancel-safe: an interrupted call wrote nothing.
+    /// part of a file range. Cancel-safe: an interrupted call sent nothing (bytes of a range
+    /// already moved into the sink's pipe stay there for the next call).
     async fn write_some<W: ReplySink>(&self, w: &mut W) -> io::Result<usize> {
         match self.bufs.front() {
             Some(Chunk::File(r)) => {
                 let (offset, len) = (r.offset + self.pos as u64, r.len - self.pos);
-                std::future::poll_fn(|cx| w.poll_sendfile(cx, &r.file, offset, len)).await
+                std::future::poll_fn(|cx| w.poll_send_file_range(cx, &r.file, offset, len)).await
             }
             Some(Chunk::Mem(_)) => {
                 let slices = self.slices();
@@ -526,8 +526,6 @@ impl OutQueue {
 }
 
 struct Transmission<B: Backend, R, W> {
-    /// Reads of cached data may be sent with `sendfile`.
-    zero_copy: bool,
     r: R,
     w: W,
     rbuf: BytesMut,
@@ -575,7 +573,7 @@ where
         let mut result = Ok(());
         // Replies being written; `self.out` collects new ones meanwhile.
         let mut wq = OutQueue::default();
-        // Whether to poll the socket briefly when idle (see `poll_briefly`).
+        // Whether to poll the socket briefly when idle.
         let mut idle_poll = crate::sockpoll::IdlePoll::default();
         loop {
             // Turn everything already buffered into requests before waiting on anything.
@@ -603,19 +601,20 @@ where
                 && pending.is_empty()
                 && wq.is_empty()
                 && matches!(rstate, ReadState::Header);
-            if idle && idle_poll.waiting() {
-                match poll_briefly(&mut self.r, &mut self.rbuf) {
-                    None => idle_poll.missed(),
-                    Some(Ok(0)) => {
+            // With nothing in flight, poll the socket for the next request before going
+            // back to the reactor (`crate::sockpoll`).
+            if let Some(fd) = self.r.socket_fd().filter(|_| idle && idle_poll.waiting()) {
+                match crate::sockpoll::poll_socket(fd, &mut self.rbuf) {
+                    Ok(0) => {
                         reading = false;
                         continue;
                     }
-                    Some(Ok(_)) => {
+                    Ok(_) => {
                         idle_poll.arrived();
                         continue;
                     }
-                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => idle_poll.missed(),
-                    Some(Err(e)) => {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => idle_poll.missed(),
+                    Err(e) => {
                         result = Err(e.into());
                         reading = false;
                         continue;
@@ -729,7 +728,12 @@ where
                             if req.command == CMD_READ {
                                 *in_flight_bytes += u64::from(req.len);
                             }
-                            pending.push(start(&self.export, req, None, self.zero_copy));
+                            pending.push(start(
+                                &self.export,
+                                req,
+                                None,
+                                self.w.sends_file_ranges(),
+                            ));
                         }
                         Err(errno) => pending.push(refused(req, errno)),
                     }
@@ -763,17 +767,6 @@ where
             }
         }
     }
-}
-
-/// With nothing in flight, polls the socket for the next request before the session goes
-/// back to the reactor (`crate::sockpoll`). Returns what the last read returned
-/// (`WouldBlock` when nothing came), or `None` if this source is not a socket.
-pub(crate) fn poll_briefly<R: RequestSource>(
-    r: &mut R,
-    rbuf: &mut BytesMut,
-) -> Option<io::Result<usize>> {
-    r.socket_fd()
-        .map(|fd| crate::sockpoll::poll_socket(fd, rbuf))
 }
 
 /// Reads more bytes: large write payloads straight into their buffer, everything else into the
@@ -813,7 +806,7 @@ fn refused(req: Request, errno: u32) -> Pending {
 }
 
 /// Starts one request. With `zero_copy`, a large read whose pages are all cached is answered
-/// with the file range itself, sent by `sendfile` when its turn to go out comes: the reply
+/// with the file range itself, spliced to the socket when its turn to go out comes: the reply
 /// then carries the data as it is at that moment, which NBD allows (a read overlapping a
 /// write in flight may return either).
 fn start<B: Backend>(
@@ -830,7 +823,7 @@ fn start<B: Backend>(
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let result = match req.command {
             CMD_READ => {
-                let cached = (zero_copy && req.len >= SENDFILE_MIN)
+                let cached = (zero_copy && req.len >= FILE_RANGE_MIN)
                     .then(|| b.cached_range(off, req.len as usize))
                     .flatten();
                 match cached {
@@ -892,7 +885,7 @@ fn start<B: Backend>(
 fn encode_done<B: Backend>(out: &mut OutQueue, done: Done, structured: bool, ctx: &ServerCtx<B>) {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
     if let Ok(Some(Chunk::File(_))) = &done.result {
-        ctx.sendfile_replies.fetch_add(1, Ordering::Relaxed);
+        ctx.file_range_replies.fetch_add(1, Ordering::Relaxed);
     }
     match done.result {
         Ok(data) => {

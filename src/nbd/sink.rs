@@ -1,8 +1,9 @@
 //! The socket side of a session. Replies go to a [`ReplySink`]: a byte stream, and for
 //! sockets ([`SocketSink`]) also file ranges spliced from the page cache through a pipe, so
-//! that read data reaches the client without being copied into this process first. Requests come from a [`RequestSource`]: a byte
-//! stream, and for sockets also the socket itself, for the short poll between a reply and the
-//! next request of a client that sends one at a time (`crate::sockpoll`).
+//! that read data reaches the client without being copied into this process first.
+//! Requests come from a [`RequestSource`]: a byte stream, and for sockets also the socket
+//! itself, for the short poll between a reply and the next request of a client that sends
+//! one at a time (`crate::sockpoll`).
 
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -14,14 +15,14 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest};
 
 /// The writing half of a client connection.
 pub trait ReplySink: AsyncWrite + Unpin + Send {
-    /// Whether [`ReplySink::poll_sendfile`] can send file ranges on this connection.
-    fn can_sendfile(&self) -> bool {
+    /// Whether [`ReplySink::poll_send_file_range`] works on this connection.
+    fn sends_file_ranges(&self) -> bool {
         false
     }
 
     /// Sends up to `len` bytes of `file` from `offset`, straight from the page cache; returns
     /// how many bytes were sent (at least one).
-    fn poll_sendfile(
+    fn poll_send_file_range(
         &mut self,
         _cx: &mut Context<'_>,
         _file: &File,
@@ -42,7 +43,8 @@ pub trait ReplySink: AsyncWrite + Unpin + Send {
     }
 }
 
-/// What `sendfile` needs from a tokio socket.
+/// What sending on a tokio socket outside its `AsyncWrite` needs: readiness, and a
+/// non-blocking call that clears it on `WouldBlock` (so the next poll registers the waker).
 pub trait Socket: AsRawFd {
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize>;
@@ -63,31 +65,6 @@ impl Socket for tokio::net::UnixStream {
     }
     fn try_write_io(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
         self.try_io(Interest::WRITABLE, f)
-    }
-}
-
-/// One non-blocking `sendfile`, retried on EINTR.
-fn sendfile_once(sock: RawFd, file: &File, offset: u64, len: usize) -> io::Result<usize> {
-    let mut off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        // SAFETY: plain syscall on two descriptors that outlive the call; `off` is a valid
-        // off_t the kernel updates.
-        let n = unsafe { libc::sendfile(sock, file.as_raw_fd(), &mut off, len) };
-        if n > 0 {
-            return Ok(n as usize);
-        }
-        if n == 0 {
-            // The file ended before the range did: the disk shrank under us.
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("disk ended at offset {offset} while sending {len} bytes"),
-            ));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
 
@@ -119,23 +96,6 @@ fn poll_send_more_on<S: Socket>(
     loop {
         ready!(sock.poll_writable(cx))?;
         match sock.try_write_io(|| send_more_once(sock.as_raw_fd(), bufs)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            res => return Poll::Ready(res),
-        }
-    }
-}
-
-fn poll_sendfile_on<S: Socket>(
-    sock: &S,
-    cx: &mut Context<'_>,
-    file: &File,
-    offset: u64,
-    len: usize,
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(sock.poll_writable(cx))?;
-        // On WouldBlock, try_io clears the readiness, so the next poll registers the waker.
-        match sock.try_write_io(|| sendfile_once(sock.as_raw_fd(), file, offset, len)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             res => return Poll::Ready(res),
         }
@@ -231,17 +191,19 @@ fn splice_once(
 /// only ever advanced by the bytes that reached the socket.
 pub struct SocketSink<W> {
     w: W,
+    /// `None` if no pipe could be made (out of descriptors): replies are then copied.
     pipe: Option<SplicePipe>,
     staged: usize,
 }
 
 impl<W> SocketSink<W> {
     pub fn new(w: W) -> SocketSink<W> {
-        SocketSink {
-            w,
-            pipe: None,
-            staged: 0,
-        }
+        let pipe = SplicePipe::new()
+            .map_err(
+                |e| tracing::warn!(error = %e, "no pipe for this NBD connection: reads are copied"),
+            )
+            .ok();
+        SocketSink { w, pipe, staged: 0 }
     }
 }
 
@@ -284,30 +246,23 @@ fn half_sent() -> io::Error {
 }
 
 impl<W: SocketHalf> ReplySink for SocketSink<W> {
-    fn can_sendfile(&self) -> bool {
-        true
+    fn sends_file_ranges(&self) -> bool {
+        self.pipe.is_some()
     }
 
     /// Moves up to a pipe's worth of the range from the file into the pipe (page references,
     /// no copy), then from the pipe to the socket; returns the bytes that reached the socket.
     /// Called again with the range advanced by that count, it sends what the pipe still
     /// holds first.
-    fn poll_sendfile(
+    fn poll_send_file_range(
         &mut self,
         cx: &mut Context<'_>,
         file: &File,
         offset: u64,
         len: usize,
     ) -> Poll<io::Result<usize>> {
-        if self.pipe.is_none() {
-            match SplicePipe::new() {
-                Ok(p) => self.pipe = Some(p),
-                // No pipe: the kernel's own sendfile.
-                Err(_) => return poll_sendfile_on(self.w.socket(), cx, file, offset, len),
-            }
-        }
         let Some(pipe) = &self.pipe else {
-            unreachable!("created just above")
+            return Poll::Ready(Err(io::Error::from(io::ErrorKind::Unsupported)));
         };
         if self.staged == 0 {
             let mut off = libc::loff_t::try_from(offset)

@@ -453,9 +453,9 @@ async fn closing_the_export_disconnects_clients() {
     let _ = &h.export;
 }
 
-/// Large reads of cached data leave with `sendfile` on real sockets, interleaved with small
-/// replies from memory, in both reply formats, also when the client reads slowly (the socket
-/// fills and the sends are partial); every byte matches what was written.
+/// Large reads of cached data are spliced from the page cache on real sockets, interleaved
+/// with small replies from memory, in both reply formats, also when the client reads slowly
+/// (the socket fills and the sends are partial); every byte matches what was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
     use std::sync::atomic::Ordering;
@@ -473,7 +473,7 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
     let rounds = [(true, false), (true, true), (false, false), (false, true)];
     for (round, (use_tcp, structured)) in rounds.into_iter().enumerate() {
         let ctx = Arc::clone(&h.ctx);
-        let before = h.ctx.sendfile_replies.load(Ordering::SeqCst);
+        let before = h.ctx.file_range_replies.load(Ordering::SeqCst);
         let (mut c, task): (Box<dyn ConnSend>, _) = if use_tcp {
             let c = tokio::net::TcpStream::connect(tcp_addr)
                 .await
@@ -502,7 +502,7 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
             request(&mut c, CMD_READ, 0, 100, cold[0].0, cold[0].1, &[]).await;
             let (_, got) = next_read_reply(&mut c, structured, &cold).await;
             assert!(got.iter().all(|b| *b == 0));
-            assert_eq!(h.ctx.sendfile_replies.load(Ordering::SeqCst), before);
+            assert_eq!(h.ctx.file_range_replies.load(Ordering::SeqCst), before);
         }
         // Each round writes the device with its own bytes, so stale data cannot pass.
         let data: Vec<u8> = pattern.iter().map(|b| b ^ round as u8).collect();
@@ -532,11 +532,11 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
         }
         request(&mut c, CMD_DISC, 0, 2, 0, 0, &[]).await;
         task.await.expect("join").expect("clean end");
-        let sent = h.ctx.sendfile_replies.load(Ordering::SeqCst) - before;
+        let sent = h.ctx.file_range_replies.load(Ordering::SeqCst) - before;
         // The device was just written whole: every large read finds its pages cached.
         assert_eq!(
             sent, 16,
-            "round {round}: {sent} of 16 large reads went out with sendfile"
+            "round {round}: {sent} of 16 large reads went out as file ranges"
         );
     }
 }
@@ -581,52 +581,28 @@ async fn next_read_reply(
     (cookie, data)
 }
 
-/// The idle poll reads what a socket holds at once, gives up after its window when nothing
-/// comes, sees the end of the stream, and declines on a source without a socket.
+/// The idle poll (tested itself in `sockpoll`) is offered the sockets of both kinds of
+/// listener, and not an in-memory pipe.
 #[tokio::test]
-async fn idle_poll_reads_a_socket_without_the_reactor() {
-    use bytes::BytesMut;
-    use std::time::{Duration, Instant};
+async fn idle_poll_gets_the_socket_of_socket_sources_only() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("listener");
-    let mut c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
+    let _c = tokio::net::TcpStream::connect(l.local_addr().expect("addr"))
         .await
         .expect("connect");
     let (s, _) = l.accept().await.expect("accept");
-    let (mut r, _w) = s.into_split();
-    let mut buf = BytesMut::new();
-    let t = Instant::now();
-    let res = poll_briefly(&mut r, &mut buf).expect("sockets can be polled");
-    assert_eq!(
-        res.expect_err("nothing sent").kind(),
-        std::io::ErrorKind::WouldBlock
-    );
-    assert!(t.elapsed() >= Duration::from_micros(50));
-    c.write_all(b"request").await.expect("send");
-    // Loopback delivers at once; allow the scheduler a few rounds all the same.
-    let mut got = 0;
-    for _ in 0..1000 {
-        match poll_briefly(&mut r, &mut buf).expect("poll") {
-            Ok(n) => {
-                got = n;
-                break;
-            }
-            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
-        }
-    }
-    assert_eq!(got, 7);
-    assert_eq!(&buf[..], b"request");
-    drop(c);
-    let mut eof = false;
-    for _ in 0..1000 {
-        if let Ok(0) = poll_briefly(&mut r, &mut buf).expect("poll") {
-            eof = true;
-            break;
-        }
-    }
-    assert!(eof, "the end of the stream is seen");
+    let (r, _w) = s.into_split();
+    assert!(r.socket_fd().is_some());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ul = tokio::net::UnixListener::bind(dir.path().join("s")).expect("unix listener");
+    let _uc = tokio::net::UnixStream::connect(dir.path().join("s"))
+        .await
+        .expect("connect");
+    let (us, _) = ul.accept().await.expect("accept");
+    let (ur, _uw) = us.into_split();
+    assert!(ur.socket_fd().is_some());
     let (a, _b) = tokio::io::duplex(64);
-    let (mut pr, _pw) = tokio::io::split(a);
-    assert!(poll_briefly(&mut pr, &mut buf).is_none());
+    let (pr, _pw) = tokio::io::split(a);
+    assert!(pr.socket_fd().is_none());
 }

@@ -240,6 +240,15 @@ impl DirtyMarker {
         }
     }
 
+    /// Whether the bitmap already tracks what this node writes without its peer: always on a
+    /// secondary; on a primary once its data generation has moved on (the bitmap generation
+    /// is set), or before it has any.
+    fn tracking(&self, m: &MetaStore) -> bool {
+        !self.primary.load(Ordering::SeqCst)
+            || m.superblock().generations.bitmap != 0
+            || m.superblock().generations.current == 0
+    }
+
     /// Marks `[offset, offset+len)` out of sync for a write whose extents the caller holds in
     /// the activity log: in memory only, since an extent leaves the log only after a bitmap
     /// flush. The first such write of a primary that lost its peer goes through [`Self::mark`],
@@ -247,10 +256,7 @@ impl DirtyMarker {
     pub async fn mark_held(&self, offset: u64, len: u64) -> Result<(), String> {
         {
             let mut m = lock(&self.meta);
-            let tracking = !self.primary.load(Ordering::SeqCst)
-                || m.superblock().generations.bitmap != 0
-                || m.superblock().generations.current == 0;
-            if tracking {
+            if self.tracking(&m) {
                 if !m.bitmap().is_all_dirty(offset, len) {
                     m.set_dirty_lazy(offset, len);
                     drop(m);
@@ -266,10 +272,7 @@ impl DirtyMarker {
     pub async fn mark(&self, offset: u64, len: u64) -> Result<(), String> {
         {
             let m = lock(&self.meta);
-            let tracking = !self.primary.load(Ordering::SeqCst)
-                || m.superblock().generations.bitmap != 0
-                || m.superblock().generations.current == 0;
-            if tracking && m.bitmap().is_all_dirty(offset, len) {
+            if self.tracking(&m) && m.bitmap().is_all_dirty(offset, len) {
                 return Ok(());
             }
         }

@@ -1,5 +1,5 @@
 //! Ranges of the disk that are in the page cache, for replies sent without a copy through
-//! user memory (`sendfile` from the disk file straight to the client's socket).
+//! user memory (spliced from the disk file straight to the client's socket).
 //!
 //! A read served that way never blocks on the disk only if every page of it is cached, so a
 //! range qualifies only when `cachestat(2)` (Linux 6.5+) counts all its pages as cached at the

@@ -110,7 +110,7 @@ pub trait Backend: Send + Sync + 'static {
         may_trim: bool,
     ) -> impl Future<Output = Result<()>> + Send;
     /// The range as a file range every page of which is in the page cache now, so that a
-    /// reply can send it straight to a socket (`sendfile`) instead of reading it into memory
+    /// reply can send it straight to a socket (a splice) instead of reading it into memory
     /// first; `None` when it is not all cached, or when a read must take the ordinary path
     /// (injected faults, a failed disk read through the peer).
     fn cached_range(&self, _offset: u64, _len: usize) -> Option<FileRange> {
