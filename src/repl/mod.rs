@@ -180,6 +180,40 @@ fn start_tracking(sb: &mut Superblock) {
     }
 }
 
+/// Sync source, at the end of a pass: ends the resync if nothing is marked out of sync, and
+/// returns the generation to hand the target; `None` if another pass is needed.
+///
+/// The check and the reset of the bitmap generation happen under one lock of the metadata
+/// (the caller's): a write of this primary that took the unreplicated path (it started before
+/// replication did) either marked its range before, and is copied by another pass, or marks
+/// it after, when the bitmap generation is already 0: then `DirtyMarker::mark_held` finds
+/// this node not tracking and moves the data generation on durably, so that this node stays
+/// the sync source for that write after a crash.
+fn finish_source(s: &mut MetaStore) -> Result<Option<u64>, crate::meta::MetaError> {
+    if s.bitmap().dirty_bytes() != 0 {
+        return Ok(None);
+    }
+    s.flush_bitmap()?;
+    s.update(|sb| sb.generations.bitmap = 0)?;
+    Ok(Some(s.superblock().generations.current))
+}
+
+/// Sync target: records a finished resync, the data now being the source's generation
+/// `current`.
+fn finish_target(s: &mut MetaStore, current: u64) -> Result<(), crate::meta::MetaError> {
+    s.bitmap_mut().clear_all();
+    s.flush_bitmap()?;
+    s.update(|sb| {
+        let g = &mut sb.generations;
+        if g.current != 0 && g.current != current {
+            g.history = [g.current, g.history[0]];
+        }
+        g.current = current;
+        g.bitmap = 0;
+        sb.disk_state = DiskState::UpToDate;
+    })
+}
+
 /// A request to the bitmap writer: a range, and where to report that it is durable.
 type MarkRequest = (u64, u64, oneshot::Sender<Result<(), String>>);
 /// Work the peer applies concurrently with reading the next frames.
@@ -1678,7 +1712,7 @@ impl Replicator {
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
-                    let res = me.finish_target(&p, current).await;
+                    let res = me.end_target(&p, current).await;
                     drop(t);
                     res.map(|()| None)
                 })))
@@ -1804,26 +1838,13 @@ impl Replicator {
     }
 
     /// Sync target: every resync write is on disk; adopt the source's generation.
-    async fn finish_target(self: &Arc<Self>, peer: &Arc<Peer>, current: u64) -> Result<(), String> {
+    async fn end_target(self: &Arc<Self>, peer: &Arc<Peer>, current: u64) -> Result<(), String> {
         self.disk.flush().await.map_err(|e| e.to_string())?;
         let m = Arc::clone(&self.meta);
-        tokio::task::spawn_blocking(move || {
-            let mut s = lock(&m);
-            s.bitmap_mut().clear_all();
-            s.flush_bitmap()?;
-            s.update(|sb| {
-                let g = &mut sb.generations;
-                if g.current != 0 && g.current != current {
-                    g.history = [g.current, g.history[0]];
-                }
-                g.current = current;
-                g.bitmap = 0;
-                sb.disk_state = DiskState::UpToDate;
-            })
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot record the finished resync: {e}"))?;
+        tokio::task::spawn_blocking(move || finish_target(&mut lock(&m), current))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot record the finished resync: {e}"))?;
         lock(&self.view).resync = None;
         *lock(&peer.decision) = Some(Decision::InSync);
         self.discard_my_data.store(false, Ordering::SeqCst);
@@ -2085,25 +2106,12 @@ impl Replicator {
                     return Err("link lost during the resync".into());
                 }
             }
-            // Finish only if nothing is marked, checked under the metadata lock together with
-            // the generation update: a write of this primary that took the unreplicated path
-            // (it started before replication did) either marked its range before this check,
-            // and is copied by another pass, or marks it after, when the bitmap generation is
-            // already 0, and then moves the data generation on durably, so that this node
-            // stays the sync source for it after a crash (see `DirtyMarker::mark_held`).
+            // Finish only if nothing is marked (see `finish_source`).
             let m = Arc::clone(&self.meta);
-            let finished = tokio::task::spawn_blocking(move || {
-                let mut s = lock(&m);
-                if s.bitmap().dirty_bytes() != 0 {
-                    return Ok(None);
-                }
-                s.flush_bitmap()?;
-                s.update(|sb| sb.generations.bitmap = 0)?;
-                Ok::<Option<u64>, crate::meta::MetaError>(Some(s.superblock().generations.current))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            let finished = tokio::task::spawn_blocking(move || finish_source(&mut lock(&m)))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
             if let Some(current) = finished {
                 break current;
             }
@@ -2453,3 +2461,6 @@ impl Backend for ReplicatedDisk {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests;
