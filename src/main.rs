@@ -123,6 +123,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// `TWINBD_WORKER_THREADS`: the daemon's runtime threads (default: one per CPU). A value
+/// that is set but not a positive number is refused rather than ignored.
+fn worker_threads() -> Result<Option<usize>, String> {
+    match std::env::var("TWINBD_WORKER_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(format!(
+                "TWINBD_WORKER_THREADS={v:?} is not a positive number of threads"
+            )),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => Err(format!(
+            "TWINBD_WORKER_THREADS={v:?} is not a positive number of threads"
+        )),
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -179,11 +197,7 @@ fn dispatch(cmd: Command) -> Result<(), String> {
             let (cfg, me) = load(&node)?;
             twinbd::config::warn_if_world_readable(&node.config);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = std::env::var("TWINBD_WORKER_THREADS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|n| *n > 0)
-            {
+            if let Some(n) = worker_threads()? {
                 builder.worker_threads(n);
             }
             let rt = builder

@@ -846,7 +846,8 @@ async fn stream_events(node: &Arc<Node>, w: &mut tokio::net::unix::OwnedWriteHal
 
 /// `run`: the daemon, until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, node_name: &str) -> Result<(), NodeError> {
-    let node = Node::open(cfg, node_name, EngineChoice::from_env())?;
+    let engine = EngineChoice::from_env().map_err(NodeError::Runtime)?;
+    let node = Node::open(cfg, node_name, engine)?;
     let listener = Listener::bind(&node.me.nbd)
         .await
         .map_err(|source| NodeError::NbdBind {

@@ -128,12 +128,20 @@ pub enum EngineChoice {
 }
 
 impl EngineChoice {
-    /// Reads `TWINBD_IO_ENGINE` (`auto`, `uring`, `sync`); unset or unknown means `Auto`.
-    pub fn from_env() -> EngineChoice {
-        match std::env::var("TWINBD_IO_ENGINE").as_deref() {
-            Ok("uring") | Ok("io_uring") => EngineChoice::Uring,
-            Ok("sync") => EngineChoice::Sync,
-            _ => EngineChoice::Auto,
+    /// Reads `TWINBD_IO_ENGINE`: unset or empty means `Auto`; a value other than `auto`,
+    /// `uring` (or `io_uring`) and `sync` is refused, so a typo never goes unnoticed.
+    pub fn from_env() -> std::result::Result<EngineChoice, String> {
+        EngineChoice::parse(std::env::var("TWINBD_IO_ENGINE").ok().as_deref())
+    }
+
+    fn parse(v: Option<&str>) -> std::result::Result<EngineChoice, String> {
+        match v {
+            None | Some("") | Some("auto") => Ok(EngineChoice::Auto),
+            Some("uring") | Some("io_uring") => Ok(EngineChoice::Uring),
+            Some("sync") => Ok(EngineChoice::Sync),
+            Some(other) => Err(format!(
+                "TWINBD_IO_ENGINE={other:?} is not an IO engine: use auto, uring or sync"
+            )),
         }
     }
 }

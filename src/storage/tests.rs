@@ -240,3 +240,18 @@ async fn uring_uncached_reads_complete() {
         assert_eq!(&one[..], &want[2 << 20..(2 << 20) + 4096]);
     }
 }
+
+#[test]
+fn the_engine_variable_is_parsed_strictly() {
+    assert_eq!(EngineChoice::parse(None), Ok(EngineChoice::Auto));
+    assert_eq!(EngineChoice::parse(Some("")), Ok(EngineChoice::Auto));
+    assert_eq!(EngineChoice::parse(Some("auto")), Ok(EngineChoice::Auto));
+    assert_eq!(EngineChoice::parse(Some("uring")), Ok(EngineChoice::Uring));
+    assert_eq!(
+        EngineChoice::parse(Some("io_uring")),
+        Ok(EngineChoice::Uring)
+    );
+    assert_eq!(EngineChoice::parse(Some("sync")), Ok(EngineChoice::Sync));
+    let e = EngineChoice::parse(Some("urign")).unwrap_err();
+    assert!(e.contains("TWINBD_IO_ENGINE") && e.contains("urign"), "{e}");
+}
