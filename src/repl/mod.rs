@@ -484,6 +484,13 @@ impl Peer {
     }
 }
 
+/// What a resync has sent so far, for its rate limit and its periodic bitmap flush.
+struct Pace {
+    started: Instant,
+    sent: u64,
+    last_flush: Instant,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Progress {
     done: u64,
@@ -2005,6 +2012,63 @@ impl Replicator {
         Ok(report)
     }
 
+    /// One pass of a resync source: sends every region marked out of sync now, each chunk
+    /// read and sent under a range ticket, at the rate `[sync]` allows, then waits until the
+    /// target has acknowledged all of them (each acknowledgement clears its bits).
+    async fn resync_pass(
+        self: &Arc<Self>,
+        peer: &Arc<Peer>,
+        pace: &mut Pace,
+    ) -> Result<(), String> {
+        let runs: Vec<(u64, u64)> = lock(&self.meta).bitmap().iter_dirty_runs().collect();
+        if runs.is_empty() {
+            return Ok(());
+        }
+        for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
+            if let Some(rate) = self.set.rate_bytes_per_s {
+                let due = Duration::from_secs_f64(pace.sent as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(pace.started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let permits = (len.div_ceil(1024)) as u32;
+            let permit = Arc::clone(&peer.resync_window)
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| "resync window closed".to_string())?;
+            if peer.is_dead() {
+                return Err("link lost during the resync".into());
+            }
+            let mut t = self.conflicts.register(off, len);
+            t.wait().await;
+            let data = self
+                .disk
+                .read(off, len as usize)
+                .await
+                .map_err(|e| e.to_string())?;
+            lock(&peer.inner).resync.insert(off, (len, permit));
+            peer.send_data(&Msg::ResyncData { offset: off, data })
+                .await?;
+            drop(t);
+            pace.sent += len;
+            if pace.last_flush.elapsed() > Duration::from_secs(1) {
+                pace.last_flush = Instant::now();
+                let m = Arc::clone(&self.meta);
+                let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
+            }
+        }
+        // Wait for every acknowledgement: all permits back.
+        let all = (RESYNC_WINDOW >> 10) as u32;
+        let _ = Arc::clone(&peer.resync_window)
+            .acquire_many_owned(all)
+            .await
+            .map_err(|_| "resync window closed".to_string())?;
+        if peer.is_dead() {
+            return Err("link lost during the resync".into());
+        }
+        Ok(())
+    }
+
     async fn resync_source_inner(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -2055,57 +2119,15 @@ impl Replicator {
         });
         self.changed.notify_one();
         tracing::info!(peer = %peer.name, total, full, "resync started");
-        let started = Instant::now();
-        let mut sent: u64 = 0;
-        let mut last_flush = Instant::now();
+        let mut pace = Pace {
+            started: Instant::now(),
+            sent: 0,
+            last_flush: Instant::now(),
+        };
         let mut passes = 0;
         let current = loop {
             passes += 1;
-            let runs: Vec<(u64, u64)> = lock(&self.meta).bitmap().iter_dirty_runs().collect();
-            if !runs.is_empty() {
-                for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
-                    if let Some(rate) = self.set.rate_bytes_per_s {
-                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            tokio::time::sleep(wait).await;
-                        }
-                    }
-                    let permits = (len.div_ceil(1024)) as u32;
-                    let permit = Arc::clone(&peer.resync_window)
-                        .acquire_many_owned(permits)
-                        .await
-                        .map_err(|_| "resync window closed".to_string())?;
-                    if peer.is_dead() {
-                        return Err("link lost during the resync".into());
-                    }
-                    let mut t = self.conflicts.register(off, len);
-                    t.wait().await;
-                    let data = self
-                        .disk
-                        .read(off, len as usize)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    lock(&peer.inner).resync.insert(off, (len, permit));
-                    peer.send_data(&Msg::ResyncData { offset: off, data })
-                        .await?;
-                    drop(t);
-                    sent += len;
-                    if last_flush.elapsed() > Duration::from_secs(1) {
-                        last_flush = Instant::now();
-                        let m = Arc::clone(&self.meta);
-                        let _ = tokio::task::spawn_blocking(move || lock(&m).flush_bitmap()).await;
-                    }
-                }
-                // Wait for every acknowledgement: all permits back.
-                let all = (RESYNC_WINDOW >> 10) as u32;
-                let _ = Arc::clone(&peer.resync_window)
-                    .acquire_many_owned(all)
-                    .await
-                    .map_err(|_| "resync window closed".to_string())?;
-                if peer.is_dead() {
-                    return Err("link lost during the resync".into());
-                }
-            }
+            self.resync_pass(peer, &mut pace).await?;
             // Finish only if nothing is marked (see `finish_source`).
             let m = Arc::clone(&self.meta);
             let finished = tokio::task::spawn_blocking(move || finish_source(&mut lock(&m)))
@@ -2123,7 +2145,7 @@ impl Replicator {
         lock(&self.view).resync = None;
         *lock(&peer.decision) = Some(Decision::InSync);
         self.set_connection(Connection::Connected);
-        let secs = started.elapsed().as_secs_f64();
+        let (sent, secs) = (pace.sent, pace.started.elapsed().as_secs_f64());
         tracing::info!(
             peer = %peer.name,
             bytes = sent,
