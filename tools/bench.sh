@@ -69,7 +69,13 @@
 # Numbers: IOPS and MB/s (10^6 bytes/s) from fio's JSON; latency is fio's
 # total latency (lat_ns, submission + completion) 50th percentile in µs.
 # The ratio is server ÷ reference: above 1 is better for IOPS and MB/s,
-# worse for latency.
+# worse for latency.  A second table gives the CPU each request cost, in µs:
+# the machine's busy time (/proc/stat) and the user+system time of fio and of
+# each server process (/proc/PID/stat, every thread) over the measured window
+# (from the end of the ramp to half a second before the end), divided by
+# fio's IOPS times the window.  Interrupt and softirq work is charged to
+# whichever process it ran in (loopback TCP receives run in the sender's), so
+# read the machine column first.
 #
 # Comparability: fio's random offsets use its fixed default seed
 # (randrepeat=1); the seed image is the same bytes on every run (AES-CTR
@@ -206,6 +212,7 @@ fi
 WORK=$(mktemp -d "$BENCH_DIR/twinbd-bench.XXXXXX")
 declare -A PIDS=()          # pid -> label, every process started here
 NBDKIT_PID=""; TWINBD_PIDS=(); PAIR_PIDS=()
+SERVER_PIDS=()              # the processes of the server being measured
 
 stop_pid() {                # stop_pid PID LABEL [SECONDS]: TERM, bounded wait, KILL
     local pid=$1 label=$2 secs=${3:-15} i
@@ -484,6 +491,42 @@ drop_caches() {
 }
 CACHES_NOTE="page cache not dropped (--no-drop-caches)"
 
+# cpu_ticks "PID..." PID...: one line, the machine's busy ticks (all CPUs:
+# user, nice, system, irq, softirq, steal), then the user+system ticks of
+# each argument (all threads, io_uring workers included; an argument of
+# several pids is their sum; a process that is gone counts 0).
+cpu_ticks() {
+    local u n s irq sirq steal line group p t sum
+    read -r _ u n s _ _ irq sirq steal _ </proc/stat
+    line=$((u + n + s + irq + sirq + steal))
+    for group in "$@"; do
+        sum=0
+        for p in $group; do
+            t=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null) || t=0
+            sum=$((sum + ${t:-0}))
+        done
+        line+=" $sum"
+    done
+    echo "$line"
+}
+
+# cpu_window FIO_PARENT OUTPUT: CPU ticks over the measured part of a timed
+# fio run (after the ramp, until just before the end), for the machine, fio
+# and the servers of SERVER_PIDS.  Writes three lines: start end CLK_TCK,
+# then cpu_ticks at start and at the end.
+cpu_window() {
+    local parent=$1 out=$2 fpid p t0 t1 a b span
+    sleep "$RAMP"
+    # fio, and the processes it forks for its jobs
+    fpid=$(pgrep -P "$parent" | tr '\n' ' ')
+    for p in $fpid; do fpid+=" $(pgrep -P "$p" | tr '\n' ' ')"; done
+    span=$(awk -v r="$RUNTIME" 'BEGIN { print (r > 2 ? r - 0.5 : r * 0.75) }')
+    t0=$(date +%s.%N); a=$(cpu_ticks "${fpid:-0}" "${SERVER_PIDS[@]}")
+    sleep "$span"
+    t1=$(date +%s.%N); b=$(cpu_ticks "${fpid:-0}" "${SERVER_PIDS[@]}")
+    printf '%s %s %s\n%s\n%s\n' "$t0" "$t1" "$(getconf CLK_TCK)" "$a" "$b" >"$out"
+}
+
 # run_fio URI NAME OUTPUT RW BS QD [timed]
 run_fio() {
     local uri=$1 name=$2 out=$3 rw=$4 bs=$5 qd=$6 timed=${7:-1} args
@@ -498,8 +541,17 @@ run_fio() {
     # In the background so that SIGTERM/SIGINT reach the trap at once.
     timeout "$limit" "${CLIENT_PIN[@]}" fio "${args[@]}" >/dev/null 2>"$out.err" &
     pid=$!; PIDS[$pid]=fio
+    local sampler=""
+    if [ "$timed" = 1 ]; then
+        cpu_window "$pid" "$out.cpu" &
+        sampler=$!; PIDS[$sampler]="cpu sampler"
+    fi
     wait "$pid" || rc=$?
     unset "PIDS[$pid]"
+    if [ -n "$sampler" ]; then
+        wait "$sampler" 2>/dev/null || rm -f "$out.cpu"
+        unset "PIDS[$sampler]"
+    fi
     return "$rc"
 }
 
@@ -532,6 +584,12 @@ session() {
         "stop_server_$kind" "$sdir" || true
         die "$s did not start; logs in $sdir (use --keep to keep them)"
     fi
+    case $kind in
+        nbdkit) SERVER_PIDS=("$NBDKIT_PID") ;;
+        pair) SERVER_PIDS=("${PAIR_PIDS[@]}") ;;
+        external) SERVER_PIDS=() ;;
+        *) SERVER_PIDS=("${TWINBD_PIDS[@]}") ;;
+    esac
     log "[$rep/$REPEAT] $s: serving at $SERVER_URI"
     if [ "$FILL" = server ] || [ "$kind" = external ]; then
         log "[$rep/$REPEAT] $s: filling the disk through the server"
@@ -604,6 +662,25 @@ def figure(path, direction, what):
         return job["bw_bytes"] / 1e6
     return job["lat_ns"]["percentile"]["50.000000"] / 1000.0
 
+def cpu_per_request(path, direction):
+    """(machine, fio, servers, each server...) CPU µs per request, or None."""
+    try:
+        with open(path + ".cpu") as f:
+            lines = f.read().split("\n")
+        t0, t1, hz = (float(x) for x in lines[0].split())
+        a = [int(x) for x in lines[1].split()]
+        b = [int(x) for x in lines[2].split()]
+        with open(path) as f:
+            iops = json.load(f)["jobs"][0][direction]["iops"]
+    except (OSError, ValueError, IndexError, KeyError, json.JSONDecodeError):
+        return None
+    requests = iops * (t1 - t0)
+    if requests <= 0 or len(a) != len(b) or len(a) < 2:
+        return None
+    us = [(y - x) / hz / requests * 1e6 for x, y in zip(a, b)]
+    machine, fio, procs = us[0], us[1], us[2:]
+    return [machine, fio, sum(procs)] + procs
+
 def fmt(value, what):
     if value is None:
         return "FAIL"
@@ -657,6 +734,32 @@ if any(len(v) > 1 for _, raw, _ in details for v in raw.values()):
     for title, raw, what in details:
         out.append("- %s: %s" % (title, "; ".join(
             "%s %s" % (s, " ".join(fmt(v, what) for v in raw[s])) for s in servers)))
+cpu_rows = []
+for t in tests:
+    title, direction, what = TITLES[t][0]
+    unit = title.split(",")[0]
+    for s in servers:
+        d = os.path.join(results, s)
+        per = []
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if not (name.startswith(t + ".") and name.endswith(".json")):
+                continue
+            c = cpu_per_request(os.path.join(d, name), direction)
+            if c:
+                per.append(c)
+        if per:
+            cols = list(zip(*per))
+            cpu_rows.append([unit, s] + ["%.1f" % statistics.median(c) for c in cols[:3]]
+                            + ["/".join("%.1f" % statistics.median(c) for c in cols[3:]) or "—"])
+if cpu_rows:
+    out.append("")
+    out.append("CPU per request, µs (medians; over the measured window, from /proc: the whole")
+    out.append("machine, fio, all server processes together and each one):")
+    out.append("")
+    out.append("| test | server | machine | fio | server | each server process |")
+    out.append("|---|---|---:|---:|---:|---:|")
+    for r in cpu_rows:
+        out.append("| " + " | ".join(r) + " |")
 out.append("")
 out.append("Command:")
 out.append("")
