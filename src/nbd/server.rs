@@ -262,6 +262,7 @@ where
         r,
         w,
         rbuf: BytesMut::with_capacity(256 * 1024),
+        after_large_write: false,
         out: OutQueue::default(),
         lim,
         export,
@@ -529,6 +530,8 @@ struct Transmission<B: Backend, R, W> {
     r: R,
     w: W,
     rbuf: BytesMut,
+    /// The last request read was a write with a payload of `DIRECT_PAYLOAD` or more.
+    after_large_write: bool,
     out: OutQueue,
     lim: Limits,
     export: Arc<Export<B>>,
@@ -622,13 +625,24 @@ where
                 }
             }
             let ev = {
-                let Transmission { r, w, rbuf, .. } = &mut self;
+                let Transmission {
+                    r,
+                    w,
+                    rbuf,
+                    after_large_write,
+                    ..
+                } = &mut self;
+                let limit = if *after_large_write {
+                    READ_AFTER_LARGE_WRITE
+                } else {
+                    usize::MAX
+                };
                 let writing = !wq.is_empty();
                 tokio::select! {
                     biased;
                     Some(done) = pending.next(), if !pending.is_empty() => Event::Done(done),
                     n = wq.write_some(w), if writing => Event::Wrote(n),
-                    n = read_some(r, rbuf, &mut rstate), if can_read => Event::Read(n),
+                    n = read_some(r, rbuf, &mut rstate, limit), if can_read => Event::Read(n),
                     changed = state.changed(), if reading => Event::StateChanged(changed.is_ok()),
                 }
             };
@@ -703,6 +717,7 @@ where
                         match check {
                             Ok(()) => {
                                 let len = req.len as usize;
+                                self.after_large_write = len >= DIRECT_PAYLOAD;
                                 let take = len.min(self.rbuf.len());
                                 let mut buf = IoBuf::with_len(len);
                                 buf[..take].copy_from_slice(&self.rbuf[..take]);
@@ -723,6 +738,7 @@ where
                         }
                         continue;
                     }
+                    self.after_large_write = false;
                     match check {
                         Ok(()) => {
                             if req.command == CMD_READ {
@@ -769,15 +785,24 @@ where
     }
 }
 
+/// The rest of a write payload at least this large is read straight into its buffer.
+const DIRECT_PAYLOAD: usize = 64 * 1024;
+/// After a write with such a payload, the next read into the session's buffer takes at most
+/// this much: with large writes queued back to back, a full read would bring a quarter MiB
+/// of the next payload into the read buffer, to be copied out again.
+const READ_AFTER_LARGE_WRITE: usize = 4096;
+
 /// Reads more bytes: large write payloads straight into their buffer, everything else into the
-/// session's read buffer. Cancel-safe: an interrupted call has consumed nothing.
+/// session's read buffer, at most `limit` bytes. Cancel-safe: an interrupted call has
+/// consumed nothing.
 async fn read_some<R: AsyncRead + Unpin>(
     r: &mut R,
     rbuf: &mut BytesMut,
     rstate: &mut ReadState,
+    limit: usize,
 ) -> io::Result<usize> {
     if let ReadState::Payload { buf, filled, .. } = rstate {
-        if buf.len() - *filled >= 64 * 1024 {
+        if buf.len() - *filled >= DIRECT_PAYLOAD {
             let n = r.read(&mut buf[*filled..]).await?;
             *filled += n;
             return Ok(n);
@@ -785,6 +810,11 @@ async fn read_some<R: AsyncRead + Unpin>(
     }
     if rbuf.capacity() - rbuf.len() < 64 * 1024 {
         rbuf.reserve(256 * 1024);
+    }
+    if limit < rbuf.capacity() - rbuf.len() {
+        return r
+            .read_buf(&mut bytes::BufMut::limit(&mut *rbuf, limit))
+            .await;
     }
     r.read_buf(rbuf).await
 }

@@ -436,6 +436,73 @@ async fn pipelined_requests_complete_and_reset_with_writes_in_flight_is_survived
     task.await.expect("join").expect("clean");
 }
 
+/// Large writes, small writes and flushes sent back to back in one stream: after a large
+/// write the session reads the next request with a short read, then the rest of a large
+/// payload straight into its buffer. Every request is answered and every byte lands.
+#[tokio::test]
+async fn large_and_small_requests_back_to_back_keep_their_data() {
+    let h = harness(true);
+    let (mut c, task) = connect(&h);
+    go(&mut c, false).await;
+    // (command, offset, length, fill byte)
+    let plan: [(u16, u64, u32, u8); 8] = [
+        (CMD_WRITE, 0, 256 << 10, 0xa1),
+        (CMD_FLUSH, 0, 0, 0),
+        (CMD_WRITE, 256 << 10, 4096, 0xb2),
+        (CMD_WRITE, 260 << 10, 200 << 10, 0xc3),
+        (CMD_WRITE, 460 << 10, 512, 0xd4),
+        (CMD_WRITE, 600 << 10, 128 << 10, 0xe5),
+        (CMD_WRITE, 728 << 10, 1000, 0xf6),
+        (CMD_FLUSH, 0, 0, 0),
+    ];
+    let mut batch = Vec::new();
+    for (cookie, &(command, offset, len, fill)) in plan.iter().enumerate() {
+        encode_request(
+            &mut batch,
+            &Request {
+                flags: 0,
+                command,
+                cookie: cookie as u64,
+                offset,
+                len,
+            },
+        );
+        if command == CMD_WRITE {
+            batch.extend(std::iter::repeat_n(fill, len as usize));
+        }
+    }
+    let (mut rd, mut wr) = tokio::io::split(c);
+    let writer = tokio::spawn(async move {
+        wr.write_all(&batch).await.expect("batch");
+        wr
+    });
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..plan.len() {
+        let mut h16 = [0u8; 16];
+        rd.read_exact(&mut h16).await.expect("reply");
+        assert_eq!(u32::from_be_bytes(h16[4..8].try_into().unwrap()), 0);
+        seen.insert(u64::from_be_bytes(h16[8..16].try_into().unwrap()));
+    }
+    assert_eq!(seen.len(), plan.len());
+    let mut c = rd.unsplit(writer.await.expect("writer"));
+    for (i, &(command, offset, len, fill)) in plan.iter().enumerate() {
+        if command != CMD_WRITE {
+            continue;
+        }
+        let cookie = 100 + i as u64;
+        request(&mut c, CMD_READ, 0, cookie, offset, len, &[]).await;
+        assert_eq!(simple_reply(&mut c).await, (cookie, 0));
+        let mut back = vec![0u8; len as usize];
+        c.read_exact(&mut back).await.expect("data");
+        assert!(
+            back.iter().all(|b| *b == fill),
+            "write {i} ({len} bytes at {offset}) read back wrong"
+        );
+    }
+    request(&mut c, CMD_DISC, 0, 999, 0, 0, &[]).await;
+    task.await.expect("join").expect("clean");
+}
+
 #[tokio::test]
 async fn closing_the_export_disconnects_clients() {
     let h = harness(true);
