@@ -2031,14 +2031,7 @@ impl Replicator {
                     tokio::time::sleep(wait).await;
                 }
             }
-            let permits = (len.div_ceil(1024)) as u32;
-            let permit = Arc::clone(&peer.resync_window)
-                .acquire_many_owned(permits)
-                .await
-                .map_err(|_| "resync window closed".to_string())?;
-            if peer.is_dead() {
-                return Err("link lost during the resync".into());
-            }
+            let permit = Self::resync_window(peer, len.div_ceil(1024) as u32).await?;
             let mut t = self.conflicts.register(off, len);
             t.wait().await;
             let data = self
@@ -2058,15 +2051,22 @@ impl Replicator {
             }
         }
         // Wait for every acknowledgement: all permits back.
-        let all = (RESYNC_WINDOW >> 10) as u32;
-        let _ = Arc::clone(&peer.resync_window)
-            .acquire_many_owned(all)
+        Self::resync_window(peer, (RESYNC_WINDOW >> 10) as u32)
+            .await
+            .map(drop)
+    }
+
+    /// Room for `kib` KiB of resync data in flight to the peer (the window fills as chunks are
+    /// sent and empties as they are acknowledged); an error if the link is lost meanwhile.
+    async fn resync_window(peer: &Peer, kib: u32) -> Result<OwnedSemaphorePermit, String> {
+        let permit = Arc::clone(&peer.resync_window)
+            .acquire_many_owned(kib)
             .await
             .map_err(|_| "resync window closed".to_string())?;
         if peer.is_dead() {
             return Err("link lost during the resync".into());
         }
-        Ok(())
+        Ok(permit)
     }
 
     async fn resync_source_inner(
