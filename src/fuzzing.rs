@@ -1211,6 +1211,17 @@ fn nbd_negotiation_seeds() -> Vec<(String, Vec<u8>)> {
     transmission(&mut s, false);
     seeds.push(("export-name".into(), s));
 
+    // A write large enough to be read straight into its buffer, then small requests: the
+    // session reads what follows such a write with a short read.
+    let mut s = start(0);
+    option(&mut s, OPT_GO, &go_payload(EXPORT_NAME, &[]));
+    request(&mut s, CMD_WRITE, 0, 0, EXPORT_SIZE as u32);
+    request(&mut s, CMD_FLUSH, 0, 0, 0);
+    request(&mut s, CMD_WRITE, 0, 4096, 512);
+    request(&mut s, CMD_READ, 0, 0, 4096);
+    request(&mut s, CMD_DISC, 0, 0, 0);
+    seeds.push(("large-write-then-small".into(), s));
+
     let mut s = start(0);
     option(&mut s, OPT_STARTTLS, &[]);
     option(&mut s, 42, b"junk");
