@@ -793,20 +793,24 @@ const DIRECT_PAYLOAD: usize = 64 * 1024;
 const READ_AFTER_LARGE_WRITE: usize = 4096;
 
 /// Reads more bytes: large write payloads straight into their buffer, everything else into the
-/// session's read buffer, at most `limit` bytes. Cancel-safe: an interrupted call has
-/// consumed nothing.
+/// session's read buffer, at most `limit` bytes beyond the rest of a payload being read.
+/// Cancel-safe: an interrupted call has consumed nothing.
 async fn read_some<R: AsyncRead + Unpin>(
     r: &mut R,
     rbuf: &mut BytesMut,
     rstate: &mut ReadState,
     limit: usize,
 ) -> io::Result<usize> {
+    let mut limit = limit;
     if let ReadState::Payload { buf, filled, .. } = rstate {
-        if buf.len() - *filled >= DIRECT_PAYLOAD {
+        let rest = buf.len() - *filled;
+        if rest >= DIRECT_PAYLOAD {
             let n = r.read(&mut buf[*filled..]).await?;
             *filled += n;
             return Ok(n);
         }
+        // The tail of the payload comes through the buffer in one read.
+        limit = limit.saturating_add(rest);
     }
     if rbuf.capacity() - rbuf.len() < 64 * 1024 {
         rbuf.reserve(256 * 1024);
