@@ -126,16 +126,16 @@ fn main() -> ExitCode {
 /// `TWINBD_WORKER_THREADS`: the daemon's runtime threads (default: one per CPU). A value
 /// that is set but not a positive number is refused rather than ignored.
 fn worker_threads() -> Result<Option<usize>, String> {
-    match std::env::var("TWINBD_WORKER_THREADS") {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) if v.is_empty() => Ok(None),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Some(n)),
-            _ => Err(format!(
-                "TWINBD_WORKER_THREADS={v:?} is not a positive number of threads"
-            )),
-        },
-        Err(std::env::VarError::NotUnicode(v)) => Err(format!(
+    let Some(raw) = std::env::var_os("TWINBD_WORKER_THREADS") else {
+        return Ok(None);
+    };
+    let v = raw.to_string_lossy();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(format!(
             "TWINBD_WORKER_THREADS={v:?} is not a positive number of threads"
         )),
     }

@@ -799,9 +799,8 @@ async fn read_some<R: AsyncRead + Unpin>(
     r: &mut R,
     rbuf: &mut BytesMut,
     rstate: &mut ReadState,
-    limit: usize,
+    mut limit: usize,
 ) -> io::Result<usize> {
-    let mut limit = limit;
     if let ReadState::Payload { buf, filled, .. } = rstate {
         let rest = buf.len() - *filled;
         if rest >= DIRECT_PAYLOAD {
@@ -815,12 +814,7 @@ async fn read_some<R: AsyncRead + Unpin>(
     if rbuf.capacity() - rbuf.len() < 64 * 1024 {
         rbuf.reserve(256 * 1024);
     }
-    if limit < rbuf.capacity() - rbuf.len() {
-        return r
-            .read_buf(&mut bytes::BufMut::limit(&mut *rbuf, limit))
-            .await;
-    }
-    r.read_buf(rbuf).await
+    r.read_buf(&mut bytes::BufMut::limit(rbuf, limit)).await
 }
 
 fn refused(req: Request, errno: u32) -> Pending {

@@ -131,7 +131,9 @@ impl EngineChoice {
     /// Reads `TWINBD_IO_ENGINE`: unset or empty means `Auto`; a value other than `auto`,
     /// `uring` (or `io_uring`) and `sync` is refused, so a typo never goes unnoticed.
     pub fn from_env() -> std::result::Result<EngineChoice, String> {
-        EngineChoice::parse(std::env::var("TWINBD_IO_ENGINE").ok().as_deref())
+        let raw = std::env::var_os("TWINBD_IO_ENGINE");
+        // A value that is not UTF-8 names no engine either: it is refused like any other.
+        EngineChoice::parse(raw.as_ref().map(|v| v.to_string_lossy()).as_deref())
     }
 
     fn parse(v: Option<&str>) -> std::result::Result<EngineChoice, String> {
