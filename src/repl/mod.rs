@@ -41,6 +41,8 @@ use decide::{Decision, Side};
 const RESYNC_CHUNK: u64 = 1 << 20;
 /// Resync bytes sent but not yet acknowledged.
 const RESYNC_WINDOW: u64 = 32 << 20;
+/// Resync chunks read ahead of the one being sent.
+const RESYNC_READ_AHEAD: usize = 16;
 /// Requests the peer applies at once before it stops reading more.
 const APPLY_MAX_IN_FLIGHT: usize = 1024;
 
@@ -1693,7 +1695,7 @@ impl Replicator {
                 Ok(Some(Box::pin(async move {
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
-                    let res = me.local(me.disk.write(offset, data, false)).await;
+                    let res = me.local(me.disk.write_bulk(offset, data)).await;
                     drop(t);
                     let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
                     if errno == 0 {
@@ -2024,26 +2026,48 @@ impl Replicator {
         if runs.is_empty() {
             return Ok(());
         }
-        for (off, len) in crate::bitmap::split_runs(runs, RESYNC_CHUNK) {
-            if let Some(rate) = self.set.rate_bytes_per_s {
-                let due = Duration::from_secs_f64(pace.sent as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(pace.started.elapsed()) {
-                    tokio::time::sleep(wait).await;
+        // Chunks are read ahead of the one being sent: with direct reads there is no kernel
+        // readahead, and reading and sending one chunk at a time left the disk idle while
+        // the network worked and the reverse. Each chunk holds its room in the window and
+        // its range ticket from before its read until it has been sent (the room until the
+        // peer acknowledges it).
+        let mut chunks = crate::bitmap::split_runs(runs, RESYNC_CHUNK);
+        let mut reads = futures_util::stream::FuturesOrdered::new();
+        loop {
+            while reads.len() < RESYNC_READ_AHEAD {
+                let Some((off, len)) = chunks.next() else {
+                    break;
+                };
+                if let Some(rate) = self.set.rate_bytes_per_s {
+                    let due = Duration::from_secs_f64(pace.sent as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(pace.started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
+                // The ticket is taken now, in chunk order, and waited for inside the read:
+                // an application write overlapping this chunk and the one before it waits
+                // for that one's ticket, which is only released once it has been sent.
+                let mut t = self.conflicts.register(off, len);
+                let (disk, peer) = (Arc::clone(&self.disk), Arc::clone(peer));
+                reads.push_back(async move {
+                    let permit = Self::resync_window(&peer, len.div_ceil(1024) as u32).await?;
+                    t.wait().await;
+                    let data = disk
+                        .read_bulk(off, len as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((off, len, permit, t, data))
+                });
+                pace.sent += len;
             }
-            let permit = Self::resync_window(peer, len.div_ceil(1024) as u32).await?;
-            let mut t = self.conflicts.register(off, len);
-            t.wait().await;
-            let data = self
-                .disk
-                .read(off, len as usize)
-                .await
-                .map_err(|e| e.to_string())?;
+            let Some(read) = reads.next().await else {
+                break;
+            };
+            let (off, len, permit, t, data) = read?;
             lock(&peer.inner).resync.insert(off, (len, permit));
             peer.send_data(&Msg::ResyncData { offset: off, data })
                 .await?;
             drop(t);
-            pace.sent += len;
             if pace.last_flush.elapsed() > Duration::from_secs(1) {
                 pace.last_flush = Instant::now();
                 let m = Arc::clone(&self.meta);

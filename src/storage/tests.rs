@@ -255,3 +255,63 @@ fn the_engine_variable_is_parsed_strictly() {
     let e = EngineChoice::parse(Some("urign")).unwrap_err();
     assert!(e.contains("TWINBD_IO_ENGINE") && e.contains("urign"), "{e}");
 }
+
+/// Resync's direct reads and writes stay coherent with writes through the page cache, and
+/// fall back to it for ranges direct IO cannot take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_io_is_coherent_with_the_page_cache() {
+    let (_d, path) = temp_disk(4 << 20);
+    let disk = open_disk(&path, None, EngineChoice::Auto).expect("open");
+    assert!(
+        disk.has_direct_io(),
+        "the test disk's filesystem must allow direct IO, or this test checks only the fallback"
+    );
+    // Dirty cached pages under a direct write: the write must land on them.
+    disk.write(0, pattern(1, 65536).into(), false)
+        .await
+        .expect("write");
+    let mut expect = pattern(1, 65536);
+    let bulk = pattern(2, 8192);
+    // A buffer at an address that is not aligned: write_bulk aligns it itself.
+    let mut odd = vec![0u8; 8192 + 1];
+    odd[1..].copy_from_slice(&bulk);
+    let odd = IoBuf::from(&odd[1..]);
+    disk.write_bulk(4096, odd).await.expect("write_bulk");
+    expect[4096..4096 + 8192].copy_from_slice(&bulk);
+    assert_eq!(&disk.read(0, 65536).await.expect("read")[..], &expect[..]);
+    // A direct read sees writes still dirty in the page cache.
+    disk.write(32768, pattern(3, 4096).into(), false)
+        .await
+        .expect("write");
+    expect[32768..36864].copy_from_slice(&pattern(3, 4096));
+    assert_eq!(
+        &disk.read_bulk(0, 65536).await.expect("read_bulk")[..],
+        &expect[..]
+    );
+    // Unaligned ranges go through the page cache.
+    disk.write_bulk(100, pattern(4, 1000).into())
+        .await
+        .expect("unaligned write_bulk");
+    expect[100..1100].copy_from_slice(&pattern(4, 1000));
+    assert_eq!(
+        &disk.read_bulk(0, 65536).await.expect("read_bulk")[..],
+        &expect[..]
+    );
+    assert_eq!(
+        &disk
+            .read_bulk(100, 1000)
+            .await
+            .expect("unaligned read_bulk")[..],
+        &pattern(4, 1000)[..]
+    );
+    // The data is on the disk, as another reader of the file sees it after a flush.
+    disk.flush().await.expect("flush");
+    let on_disk = std::fs::read(&path).expect("read file");
+    assert_eq!(&on_disk[..65536], &expect[..]);
+    // Out of range is refused, direct or not.
+    assert!(disk
+        .write_bulk((4 << 20) - 4096, pattern(5, 8192).into())
+        .await
+        .is_err());
+    assert!(disk.read_bulk(4 << 20, 4096).await.is_err());
+}
