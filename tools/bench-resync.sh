@@ -2,9 +2,10 @@
 # tools/bench-resync.sh — resync throughput against the slower of disk and link, same run.
 #
 # Measures, one after the other on this machine:
-#   disk   sequential 1 MiB writes to a file on the bench filesystem (fio psync, fsync at
-#          end) and sequential reads of it from a cold page cache; the slower counts, as a
-#          resync reads the source's disk and writes the target's
+#   disk   sequential 1 MiB direct reads of the source's image and, at the same time,
+#          direct writes of another file (fio libaio, 16 in flight each); the slower counts.
+#          A resync reads the source's disk and writes the target's, with direct IO; here
+#          both nodes' disks are files on one filesystem, so the disk does both at once
 #   link   TCP throughput over loopback (iperf3, one stream)
 #   full   the first full sync of a two-node pair (SIZE bytes, random data on the source,
 #          flushed to its disk and dropped from the page cache first)
@@ -35,22 +36,23 @@ bytes() { numfmt --from=iec "$1"; }
 size_b=$(bytes "$SIZE")
 changed_b=$(bytes "$CHANGED")
 
-# A resync reads the source's disk and writes the target's: the disk reference is the slower
-# of a sequential write (with its fsync) and a sequential read from a cold cache.
 drop_caches() {
     sync
     if [ -w /proc/sys/vm/drop_caches ]; then echo 3 > /proc/sys/vm/drop_caches; fi
 }
-fio_mbs() {
-    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):]); print(round(j["jobs"][0][sys.argv[1]]["bw_bytes"]/1e6))' "$1"
-}
 
 # --- references -------------------------------------------------------------------------
-disk_w=$(fio --name=disk --filename="$work/ref.img" --ioengine=psync --rw=write --bs=1M \
-    --size="$SIZE" --end_fsync=1 --output-format=json 2>/dev/null | fio_mbs write)
+# The source's image, random data, on the disk and out of the cache.
+head -c "$size_b" /dev/urandom > "$work/alpha.img"
 drop_caches
-disk_r=$(fio --name=disk --filename="$work/ref.img" --ioengine=psync --rw=read --bs=1M \
-    --size="$SIZE" --output-format=json 2>/dev/null | fio_mbs read)
+# A resync reads the source's disk and writes the target's, both with direct IO (the page
+# cache would make the reference depend on whether the guest's pages were touched before).
+# Both disks are on this filesystem: the reference reads and writes at once.
+read -r disk_r disk_w < <(fio --output-format=json --direct=1 --bs=1M --size="$SIZE" \
+    --ioengine=libaio --iodepth=16 \
+    --name=read --rw=read --filename="$work/alpha.img" \
+    --name=write --rw=write --filename="$work/ref.img" 2>/dev/null |
+    python3 -c 'import json,sys; s=sys.stdin.read(); j=json.loads(s[s.index("{"):])["jobs"]; print(round(j[0]["read"]["bw_bytes"]/1e6), round(j[1]["write"]["bw_bytes"]/1e6))')
 disk_mbs=$(( disk_w < disk_r ? disk_w : disk_r ))
 rm -f "$work/ref.img"
 iperf3 -s -1 -p 25201 >/dev/null 2>&1 &
@@ -82,7 +84,6 @@ nbd = "127.0.0.1:25810"
 admin = "$work/beta.sock"
 EOF
 chmod 600 "$conf"
-head -c "$size_b" /dev/urandom > "$work/alpha.img"
 truncate -s "$size_b" "$work/beta.img"
 # The source's data is on its disk, not in flight to it, when the sync starts.
 drop_caches
@@ -140,7 +141,7 @@ echo "## resync throughput ($(date -u +%F), SIZE=$SIZE CHANGED=$CHANGED, files i
 echo
 echo "| measure | MB/s | ratio to min(disk, link) |"
 echo "|---|---:|---:|"
-echo "| disk: sequential 1 MiB writes with fsync / cold reads (fio psync) | $disk_w / $disk_r | |"
+echo "| disk: sequential 1 MiB direct writes / reads at once (fio libaio, 16 in flight) | $disk_w / $disk_r | |"
 echo "| link: loopback TCP (iperf3, 1 stream) | $link_mbs | |"
 echo "| full sync of $SIZE (from promote to up to date: $full_wall MB/s) | $full_mbs | $(python3 -c "print(round($full_mbs/$ref,2))") |"
 echo "| bitmap resync: $copied bytes copied for $changed_b written | $bitmap_mbs | $(python3 -c "print(round($bitmap_mbs/$ref,2))") |"

@@ -51,12 +51,22 @@ fn page_size() -> u64 {
 
 /// Whether every page of `[offset, offset+len)` of `file` is in the page cache now.
 pub fn resident(file: &File, offset: u64, len: usize) -> bool {
+    cached_pages(file, offset, len).is_some_and(|(cached, pages)| cached >= pages)
+}
+
+/// Whether no page of `[offset, offset+len)` of `file` is in the page cache now (`false`
+/// when the kernel cannot say).
+pub fn none_cached(file: &File, offset: u64, len: usize) -> bool {
+    cached_pages(file, offset, len).is_some_and(|(cached, _)| cached == 0)
+}
+
+/// How many pages of the range are cached, and how many pages it spans; `None` if the
+/// kernel cannot say or the range is empty or overflows.
+fn cached_pages(file: &File, offset: u64, len: usize) -> Option<(u64, u64)> {
     if len == 0 || !CACHESTAT_WORKS.load(Ordering::Relaxed) {
-        return false;
+        return None;
     }
-    let Some(end) = offset.checked_add(len as u64) else {
-        return false;
-    };
+    let end = offset.checked_add(len as u64)?;
     let page = page_size();
     let first = offset / page;
     let last = end.div_ceil(page);
@@ -82,9 +92,9 @@ pub fn resident(file: &File, offset: u64, len: usize) -> bool {
             CACHESTAT_WORKS.store(false, Ordering::Relaxed);
             tracing::info!(error = %e, "cachestat unavailable: large reads are copied through memory");
         }
-        return false;
+        return None;
     }
-    st.nr_cache >= last - first
+    Some((st.nr_cache, last - first))
 }
 
 #[cfg(test)]
@@ -105,5 +115,9 @@ mod tests {
         assert!(!resident(&f, 60 * 1024, 8 * 1024));
         assert!(!resident(&f, 0, 0));
         assert!(!resident(&f, u64::MAX - 10, 100));
+        assert!(none_cached(&f, 512 * 1024, 64 * 1024));
+        assert!(!none_cached(&f, 60 * 1024, 8 * 1024));
+        assert!(!none_cached(&f, 0, 4096));
+        assert!(!none_cached(&f, 0, 0));
     }
 }

@@ -214,13 +214,15 @@ impl Disk {
             .map_err(|_| StorageError::Closed)?
     }
 
-    /// Reads bulk data (what a resync copies) with direct IO where the disk allows it and the
-    /// range is aligned, else as a plain read. A direct read first writes back cached pages of
-    /// its range that are dirty, so it returns the latest data all the same.
+    /// Reads bulk data (what a resync copies): with direct IO where the disk allows it, the
+    /// range is aligned and none of it is in the page cache; else as a plain read. Data
+    /// written recently (what a bitmap resync mostly copies) is still cached, often dirty:
+    /// copying it from the cache is cheaper than writing it back and reading it from the disk,
+    /// which is what a direct read of it would have to do to return the latest data.
     pub async fn read_bulk(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let disk = Arc::clone(self.disk_file());
         let aligned = offset % DIRECT_ALIGN == 0 && len as u64 % DIRECT_ALIGN == 0 && len > 0;
-        if disk.direct.is_none() || !aligned {
+        if disk.direct.is_none() || !aligned || !cached::none_cached(&disk.file, offset, len) {
             return self.read(offset, len).await;
         }
         self.check(false, "read", offset, len as u64)?;

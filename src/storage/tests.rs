@@ -279,7 +279,16 @@ async fn bulk_io_is_coherent_with_the_page_cache() {
     disk.write_bulk(4096, odd).await.expect("write_bulk");
     expect[4096..4096 + 8192].copy_from_slice(&bulk);
     assert_eq!(&disk.read(0, 65536).await.expect("read")[..], &expect[..]);
-    // A direct read sees writes still dirty in the page cache.
+    // A range nobody cached is read directly, and sees what was written directly.
+    disk.write_bulk(1 << 20, pattern(6, 65536).into())
+        .await
+        .expect("write_bulk");
+    assert!(cached::none_cached(&disk.disk_file().file, 1 << 20, 65536));
+    assert_eq!(
+        &disk.read_bulk(1 << 20, 65536).await.expect("read_bulk")[..],
+        &pattern(6, 65536)[..]
+    );
+    // A range with pages in the cache, some dirty, is read with the latest data.
     disk.write(32768, pattern(3, 4096).into(), false)
         .await
         .expect("write");
