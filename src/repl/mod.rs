@@ -2028,29 +2028,45 @@ impl Replicator {
         }
         // Chunks are read ahead of the one being sent: with direct reads there is no kernel
         // readahead, and reading and sending one chunk at a time left the disk idle while
-        // the network worked and the reverse. Each chunk holds its room in the window and
-        // its range ticket from before its read until it has been sent (the room until the
-        // peer acknowledges it).
-        let mut chunks = crate::bitmap::split_runs(runs, RESYNC_CHUNK);
+        // the network worked and the reverse. Each chunk takes its room in the window, then
+        // its range ticket, before its read; it holds the ticket until it has been sent and
+        // the room until the peer acknowledges it. The loop waits for room or for the rate
+        // limit only with nothing read ahead: otherwise it sends what it has, so that no
+        // ticket is held longer than a read and a send (application writes to the range
+        // wait for it).
+        let mut chunks = crate::bitmap::split_runs(runs, RESYNC_CHUNK).peekable();
         let mut reads = futures_util::stream::FuturesOrdered::new();
         loop {
             while reads.len() < RESYNC_READ_AHEAD {
-                let Some((off, len)) = chunks.next() else {
+                let Some(&(off, len)) = chunks.peek() else {
                     break;
                 };
                 if let Some(rate) = self.set.rate_bytes_per_s {
                     let due = Duration::from_secs_f64(pace.sent as f64 / rate as f64);
                     if let Some(wait) = due.checked_sub(pace.started.elapsed()) {
+                        if !reads.is_empty() {
+                            break;
+                        }
                         tokio::time::sleep(wait).await;
                     }
                 }
-                // The ticket is taken now, in chunk order, and waited for inside the read:
-                // an application write overlapping this chunk and the one before it waits
-                // for that one's ticket, which is only released once it has been sent.
+                let kib = len.div_ceil(1024) as u32;
+                let permit = match Arc::clone(&peer.resync_window).try_acquire_many_owned(kib) {
+                    Ok(p) => p,
+                    Err(tokio::sync::TryAcquireError::NoPermits) if !reads.is_empty() => break,
+                    Err(_) => Self::resync_window(peer, kib).await?,
+                };
+                if peer.is_dead() {
+                    return Err("link lost during the resync".into());
+                }
+                chunks.next();
+                // Tickets are taken in chunk order and waited for inside the read: an
+                // application write overlapping this chunk and the one before it waits for
+                // that one's ticket, released once it has been sent, so the loop must not
+                // wait for this ticket itself.
                 let mut t = self.conflicts.register(off, len);
-                let (disk, peer) = (Arc::clone(&self.disk), Arc::clone(peer));
+                let disk = Arc::clone(&self.disk);
                 reads.push_back(async move {
-                    let permit = Self::resync_window(&peer, len.div_ceil(1024) as u32).await?;
                     t.wait().await;
                     let data = disk
                         .read_bulk(off, len as usize)
