@@ -203,15 +203,16 @@ impl Disk {
     pub async fn write_bulk(&self, offset: u64, data: IoBuf) -> Result<()> {
         let disk = Arc::clone(self.disk_file());
         let len = data.len() as u64;
-        let aligned = offset % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && len > 0;
-        if disk.direct.is_none() || !aligned {
+        let Some(direct) = disk.direct.clone().filter(|_| direct_aligned(offset, len)) else {
             return self.write(offset, data, false).await;
-        }
+        };
         self.check(true, "write", offset, len)?;
         disk.check_range("write", offset, len)?;
-        tokio::task::spawn_blocking(move || write_direct_blocking(&disk, offset, &data))
-            .await
-            .map_err(|_| StorageError::Closed)?
+        tokio::task::spawn_blocking(move || {
+            write_direct_blocking(&direct, &disk.file, offset, &data)
+        })
+        .await
+        .map_err(|_| StorageError::Closed)?
     }
 
     /// Reads bulk data (what a resync copies): with direct IO where the disk allows it, the
@@ -221,13 +222,14 @@ impl Disk {
     /// which is what a direct read of it would have to do to return the latest data.
     pub async fn read_bulk(&self, offset: u64, len: usize) -> Result<IoBuf> {
         let disk = Arc::clone(self.disk_file());
-        let aligned = offset % DIRECT_ALIGN == 0 && len as u64 % DIRECT_ALIGN == 0 && len > 0;
-        if disk.direct.is_none() || !aligned || !cached::none_cached(&disk.file, offset, len) {
+        let Some(direct) = disk.direct.clone().filter(|_| {
+            direct_aligned(offset, len as u64) && cached::none_cached(&disk.file, offset, len)
+        }) else {
             return self.read(offset, len).await;
-        }
+        };
         self.check(false, "read", offset, len as u64)?;
         disk.check_range("read", offset, len as u64)?;
-        tokio::task::spawn_blocking(move || read_direct_blocking(&disk, offset, len))
+        tokio::task::spawn_blocking(move || read_direct_blocking(&direct, &disk.file, offset, len))
             .await
             .map_err(|_| StorageError::Closed)?
     }
@@ -360,7 +362,7 @@ pub struct DiskFile {
     pub file: Arc<File>,
     /// The same disk opened for direct IO (bypassing the page cache), where the filesystem
     /// allows it; used for bulk copies only (`Disk::write_bulk`).
-    pub direct: Option<File>,
+    pub direct: Option<Arc<File>>,
     pub path: PathBuf,
     pub is_block: bool,
     pub size: u64,
@@ -406,7 +408,7 @@ impl DiskFile {
             .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
             .open(path)
         {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Arc::new(f)),
             Err(e) => {
                 tracing::info!(disk = %path.display(), error = %e,
                     "direct IO unavailable: resync data goes through the page cache");
@@ -436,41 +438,46 @@ impl DiskFile {
     }
 }
 
-/// Offset, length and memory alignment of direct writes: the largest logical block size
-/// of common disks, so it suits any of them.
+/// Offset, length and memory alignment of direct reads and writes: the largest logical
+/// block size of common disks, so it suits any of them.
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Writes `data` at `offset` through the direct descriptor, from an aligned copy of it (a
-/// payload received from the network sits at whatever address the allocator gave). Falls
-/// back to the page cache if the disk refuses the alignment.
-fn write_direct_blocking(disk: &DiskFile, offset: u64, data: &[u8]) -> Result<()> {
+fn direct_aligned(offset: u64, len: u64) -> bool {
+    offset % DIRECT_ALIGN == 0 && len % DIRECT_ALIGN == 0 && len > 0
+}
+
+/// A buffer of `len` bytes at an address aligned for direct IO: a window into a pooled
+/// buffer one alignment larger (a payload received from the network, or a buffer from the
+/// pool, sits at whatever address the allocator gave).
+fn aligned_window(buf: &mut IoBuf, len: usize) -> &mut [u8] {
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    &mut buf[start..start + len]
+}
+
+/// Writes `data` at `offset` through `direct` (the disk opened with `O_DIRECT`) from an
+/// aligned copy of it; through `cached` (the same disk) if the disk refuses the alignment.
+fn write_direct_blocking(direct: &File, cached: &File, offset: u64, data: &[u8]) -> Result<()> {
     let io_err = |source: io::Error| StorageError::Io {
         op: "write",
         offset,
         len: data.len() as u64,
         source,
     };
-    let Some(direct) = &disk.direct else {
-        return disk.file.write_all_at(data, offset).map_err(io_err);
-    };
-    let align = DIRECT_ALIGN as usize;
-    let mut bounce = IoBuf::with_len(data.len() + align);
-    let start = bounce.as_ptr().align_offset(align);
-    let aligned = &mut bounce[start..start + data.len()];
+    let mut bounce = IoBuf::with_len(data.len() + DIRECT_ALIGN as usize);
+    let aligned = aligned_window(&mut bounce, data.len());
     aligned.copy_from_slice(data);
     match direct.write_all_at(aligned, offset) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::debug!(error = %e, offset, "direct write refused; writing through the page cache");
-            disk.file.write_all_at(data, offset).map_err(io_err)
+            cached.write_all_at(data, offset).map_err(io_err)
         }
         r => r.map_err(io_err),
     }
 }
 
-/// Reads `len` bytes at `offset` through the direct descriptor into an aligned buffer, then
-/// into one of the exact length. Falls back to the page cache if the disk refuses the
-/// alignment.
-fn read_direct_blocking(disk: &DiskFile, offset: u64, len: usize) -> Result<IoBuf> {
+/// Reads `len` bytes at `offset` through `direct` into an aligned buffer, then into one of
+/// the exact length; through `cached` if the disk refuses the alignment.
+fn read_direct_blocking(direct: &File, cached: &File, offset: u64, len: usize) -> Result<IoBuf> {
     let io_err = |source: io::Error| StorageError::Io {
         op: "read",
         offset,
@@ -478,19 +485,13 @@ fn read_direct_blocking(disk: &DiskFile, offset: u64, len: usize) -> Result<IoBu
         source,
     };
     let mut out = IoBuf::with_len(len);
-    let Some(direct) = &disk.direct else {
-        disk.file.read_exact_at(&mut out, offset).map_err(io_err)?;
-        return Ok(out);
-    };
-    let align = DIRECT_ALIGN as usize;
-    let mut bounce = IoBuf::with_len(len + align);
-    let start = bounce.as_ptr().align_offset(align);
-    let aligned = &mut bounce[start..start + len];
+    let mut bounce = IoBuf::with_len(len + DIRECT_ALIGN as usize);
+    let aligned = aligned_window(&mut bounce, len);
     match direct.read_exact_at(aligned, offset) {
         Ok(()) => out.copy_from_slice(aligned),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             tracing::debug!(error = %e, offset, "direct read refused; reading through the page cache");
-            disk.file.read_exact_at(&mut out, offset).map_err(io_err)?;
+            cached.read_exact_at(&mut out, offset).map_err(io_err)?;
         }
         Err(e) => return Err(io_err(e)),
     }
