@@ -235,7 +235,8 @@ impl Disk {
     }
 
     /// Whether `write_bulk` and `read_bulk` bypass the page cache on this disk.
-    pub fn has_direct_io(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_direct_io(&self) -> bool {
         self.disk_file().direct.is_some()
     }
 
