@@ -928,7 +928,15 @@ fn encode_done<B: Backend>(out: &mut OutQueue, done: Done, structured: bool, ctx
                         );
                         out.data(d);
                     }
-                    _ => encode_structured_done(out.small(), done.cookie),
+                    // A read always ends with a structured chunk. Any other
+                    // command's success carries no payload, and the protocol lets
+                    // the server answer it with a 16-byte simple reply: clients
+                    // read it in one receive, where the 20-byte structured chunk
+                    // takes libnbd two.
+                    _ if done.command == CMD_READ => {
+                        encode_structured_done(out.small(), done.cookie)
+                    }
+                    _ => encode_simple_reply(out.small(), done.cookie, 0),
                 }
             } else {
                 encode_simple_reply(out.small(), done.cookie, 0);

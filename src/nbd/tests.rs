@@ -218,13 +218,34 @@ async fn structured_reads_and_errors() {
     let (mut c, task) = connect(&h);
     let flags = go(&mut c, true).await;
     assert_ne!(flags & TFLAG_SEND_DF, 0);
+    // A successful write or flush has no payload: a simple reply, as the protocol
+    // allows once structured replies are negotiated.
     request(&mut c, CMD_WRITE, 0, 1, 512, 3, b"abc").await;
+    assert_eq!(simple_reply(&mut c).await, (1, 0));
+    request(&mut c, CMD_FLUSH, 0, 4, 0, 0, &[]).await;
+    assert_eq!(simple_reply(&mut c).await, (4, 0));
     let mut hdr = [0u8; 20];
-    c.read_exact(&mut hdr).await.expect("chunk");
+    // A failed write keeps the structured error, whose message says why.
+    request(&mut c, CMD_WRITE, 0, 5, SIZE - 1, 2, b"xy").await;
+    c.read_exact(&mut hdr).await.expect("write error chunk");
     assert_eq!(
         u32::from_be_bytes(hdr[0..4].try_into().unwrap()),
         STRUCTURED_REPLY_MAGIC
     );
+    assert_eq!(u64::from_be_bytes(hdr[8..16].try_into().unwrap()), 5);
+    assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_ERROR);
+    let len = u32::from_be_bytes(hdr[16..20].try_into().unwrap());
+    let mut body = vec![0u8; len as usize];
+    c.read_exact(&mut body).await.expect("write error body");
+    assert_eq!(u32::from_be_bytes(body[0..4].try_into().unwrap()), ENOSPC);
+    // A read of nothing still ends with a structured chunk, never a simple reply.
+    request(&mut c, CMD_READ, 0, 6, 512, 0, &[]).await;
+    c.read_exact(&mut hdr).await.expect("empty read chunk");
+    assert_eq!(
+        u32::from_be_bytes(hdr[0..4].try_into().unwrap()),
+        STRUCTURED_REPLY_MAGIC
+    );
+    assert_eq!(u16::from_be_bytes([hdr[4], hdr[5]]), REPLY_FLAG_DONE);
     assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_NONE);
     request(&mut c, CMD_READ, CMD_FLAG_DF, 2, 512, 3, &[]).await;
     let mut chunk = [0u8; 20 + 8 + 3];
@@ -574,7 +595,7 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
         // Each round writes the device with its own bytes, so stale data cannot pass.
         let data: Vec<u8> = pattern.iter().map(|b| b ^ round as u8).collect();
         request(&mut c, CMD_WRITE, 0, 1, 0, SIZE as u32, &data).await;
-        assert_eq!(simple_or_done(&mut c, structured).await, 1);
+        assert_eq!(write_done(&mut c).await, 1);
         // Pipelined: whole-device reads, 64 KiB reads at odd offsets and small reads between.
         let reads: Vec<(u64, u32)> = (0..24u64)
             .map(|i| match i % 3 {
@@ -611,18 +632,11 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
 trait ConnSend: Conn + Send {}
 impl<T: Conn + Send> ConnSend for T {}
 
-/// Reads a write's reply in either format; returns its cookie.
-async fn simple_or_done(c: &mut impl Conn, structured: bool) -> u64 {
-    if structured {
-        let mut hdr = [0u8; 20];
-        c.read_exact(&mut hdr).await.expect("done chunk");
-        assert_eq!(u16::from_be_bytes([hdr[6], hdr[7]]), REPLY_TYPE_NONE);
-        u64::from_be_bytes(hdr[8..16].try_into().unwrap())
-    } else {
-        let (cookie, err) = simple_reply(c).await;
-        assert_eq!(err, 0);
-        cookie
-    }
+/// Reads a successful write's reply, a simple reply in both modes; returns its cookie.
+async fn write_done(c: &mut impl Conn) -> u64 {
+    let (cookie, err) = simple_reply(c).await;
+    assert_eq!(err, 0);
+    cookie
 }
 
 /// Reads the next read reply, whatever its cookie (replies of one connection may come in
