@@ -190,12 +190,22 @@ pub async fn serve<B: Backend>(
                     let result = match stream {
                         Stream::Tcp(s) => {
                             let _ = s.set_nodelay(true);
+                            let splice = match (s.peer_addr(), s.local_addr()) {
+                                (Ok(p), Ok(l)) => super::sink::splice_pays(p.ip(), l.ip()),
+                                _ => false,
+                            };
+                            tracing::debug!(%peer, splice, "NBD client connected");
                             let (r, w) = s.into_split();
-                            run_session(r, super::sink::SocketSink::new(w), &ctx).await
+                            let w = if splice {
+                                super::sink::SocketSink::new(w)
+                            } else {
+                                super::sink::SocketSink::copying(w)
+                            };
+                            run_session(r, w, &ctx).await
                         }
                         Stream::Unix(s) => {
                             let (r, w) = s.into_split();
-                            run_session(r, super::sink::SocketSink::new(w), &ctx).await
+                            run_session(r, super::sink::SocketSink::copying(w), &ctx).await
                         }
                     };
                     match result {

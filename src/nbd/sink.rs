@@ -197,6 +197,7 @@ pub struct SocketSink<W> {
 }
 
 impl<W> SocketSink<W> {
+    /// A sink that splices cached file ranges to the socket.
     pub fn new(w: W) -> SocketSink<W> {
         let pipe = SplicePipe::new()
             .map_err(
@@ -205,6 +206,31 @@ impl<W> SocketSink<W> {
             .ok();
         SocketSink { w, pipe, staged: 0 }
     }
+
+    /// A sink that sends every reply from memory (see [`splice_pays`]).
+    pub fn copying(w: W) -> SocketSink<W> {
+        SocketSink {
+            w,
+            pipe: None,
+            staged: 0,
+        }
+    }
+}
+
+/// Whether splicing read data from the page cache pays for a client at `peer`, connected to
+/// our address `local`.
+///
+/// For a client on another machine it does: the network card reads the pages where they
+/// are, and this process copies nothing. For a client on this machine (a loopback address,
+/// or our own address) the client's receive copies the data out of the socket anyway, and it
+/// is cheaper to copy it once into a buffer here (`docs/benchmarks.md`, "Cached reads for a
+/// client on the same machine"): a spliced page is cold when the client copies it, where a
+/// copy made just before is still in the CPU's cache, and the loopback device's receive work
+/// for skbs of many page fragments runs in the sending thread. Unix-socket clients are
+/// always local: their sessions copy.
+pub fn splice_pays(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    !peer.is_loopback() && peer != local.to_canonical()
 }
 
 impl<W: SocketHalf> AsyncWrite for SocketSink<W> {
