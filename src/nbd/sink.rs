@@ -1,6 +1,7 @@
 //! The socket side of a session. Replies go to a [`ReplySink`]: a byte stream, and for
-//! sockets ([`SocketSink`]) also file ranges spliced from the page cache through a pipe, so
-//! that read data reaches the client without being copied into this process first.
+//! sockets to clients on other machines ([`SocketSink::new`], [`splice_pays`]) also file
+//! ranges spliced from the page cache through a pipe, so that read data reaches the client
+//! without being copied by this process.
 //! Requests come from a [`RequestSource`]: a byte stream, and for sockets also the socket
 //! itself, for the short poll between a reply and the next request of a client that sends
 //! one at a time (`crate::sockpoll`).

@@ -124,6 +124,8 @@ impl FrameWriter {
 pub struct SharedFrameWriter {
     w: tokio::sync::Mutex<OwnedWriteHalf>,
     q: std::sync::Mutex<Queued>,
+    /// Every frame with a smaller sequence number has been handed to the socket.
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -153,32 +155,58 @@ impl SharedFrameWriter {
                 seq: fw.seq,
                 ..Queued::default()
             }),
+            written: tokio::sync::watch::channel(fw.seq).0,
         }
+    }
+
+    /// Waits until the frame `seq` (as `enqueue` returned it) has been handed to the
+    /// socket. Returns at once if it has; never returns if the writes stop, so callers also
+    /// watch the link's end.
+    pub async fn written(&self, seq: u64) {
+        let mut rx = self.written.subscribe();
+        // The sender lives as long as `self`, which the caller borrows.
+        let _ = rx.wait_for(|&w| w > seq).await;
+    }
+
+    fn wrote_through(&self, upto: u64) {
+        self.written.send_if_modified(|w| {
+            let newer = upto > *w;
+            if newer {
+                *w = upto;
+            }
+            newer
+        });
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queued> {
         self.q.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a frame; returns true if the queue was empty (the caller arranges a `flush`).
-    pub fn enqueue(&self, msg: &Msg) -> bool {
+    /// Queues a frame; returns whether the queue was empty (the caller arranges a `flush`)
+    /// and the frame's sequence number (for [`SharedFrameWriter::written`]).
+    pub fn enqueue(&self, msg: &Msg) -> (bool, u64) {
         let mut q = self.queue();
         let first = q.bytes.is_empty();
-        let head = wire::encode(msg, q.seq);
+        let seq = q.seq;
+        let head = wire::encode(msg, seq);
         q.seq += 1;
         q.bytes.extend_from_slice(&head);
         q.bytes.extend_from_slice(msg.data());
-        first
+        (first, seq)
     }
 
     /// Writes every queued frame.
     pub async fn flush(&self) -> io::Result<()> {
         let mut w = self.w.lock().await;
-        let bytes = self.queue().take();
+        let (bytes, upto) = {
+            let mut q = self.queue();
+            (q.take(), q.seq)
+        };
         if !bytes.is_empty() {
             w.write_all(&bytes).await?;
         }
         self.give_back(bytes);
+        self.wrote_through(upto);
         Ok(())
     }
 
@@ -191,11 +219,11 @@ impl SharedFrameWriter {
     /// Writes the queued frames, then `msg`.
     pub async fn send(&self, msg: &Msg) -> io::Result<()> {
         let mut w = self.w.lock().await;
-        let (queued, head) = {
+        let (queued, head, upto) = {
             let mut q = self.queue();
             let head = wire::encode(msg, q.seq);
             q.seq += 1;
-            (q.take(), head)
+            (q.take(), head, q.seq)
         };
         let data = msg.data();
         let parts: [&[u8]; 3] = [&queued, &head, data];
@@ -219,6 +247,7 @@ impl SharedFrameWriter {
             done += n;
         }
         self.give_back(queued);
+        self.wrote_through(upto);
         Ok(())
     }
 
@@ -565,14 +594,29 @@ mod tests {
         let writer = SharedFrameWriter::new(FrameWriter::new(w));
         let mut reader = FrameReader::new(r);
 
-        assert!(writer.enqueue(&write(1, 4096)));
-        assert!(!writer.enqueue(&write(2, 512)));
+        use futures_util::FutureExt;
+        let (first, s1) = writer.enqueue(&write(1, 4096));
+        assert!(first);
+        let (first, s2) = writer.enqueue(&write(2, 512));
+        assert!(!first);
+        assert_eq!(s2, s1 + 1);
+        // Queued, not written: a waiter for either frame still waits.
+        assert!(writer.written(s1).now_or_never().is_none());
         writer.send(&write(3, 200_000)).await.expect("send");
-        assert!(writer.enqueue(&write(4, 4096)));
+        // The send wrote the queue first.
+        assert!(writer.written(s2).now_or_never().is_some());
+        let (first, s4) = writer.enqueue(&write(4, 4096));
+        assert!(first);
+        assert_eq!(s4, s2 + 2);
+        assert!(writer.written(s4).now_or_never().is_none());
         writer.flush().await.expect("flush");
+        assert!(writer.written(s4).now_or_never().is_some());
         writer.flush().await.expect("empty flush");
-        assert!(writer.enqueue(&Msg::Flush { id: 5 }));
+        let (first, s5) = writer.enqueue(&Msg::Flush { id: 5 });
+        assert!(first);
+        assert!(writer.written(s5).now_or_never().is_none());
         writer.send(&write(6, 8192)).await.expect("send");
+        assert!(writer.written(s5 + 1).now_or_never().is_some());
 
         for want in 1..=6u64 {
             let got = reader.recv().await.expect("frame");

@@ -393,10 +393,23 @@ impl Peer {
     }
 
     /// Queues a data frame behind the others waiting; the link's sender task writes them
-    /// together once the tasks running now have queued theirs.
-    fn queue_data(&self, msg: &Msg) {
-        if self.data.enqueue(msg) {
+    /// together once the tasks running now have queued theirs. Returns the frame's sequence
+    /// number, for [`Peer::data_written`].
+    fn queue_data(&self, msg: &Msg) -> u64 {
+        let (first, seq) = self.data.enqueue(msg);
+        if first {
             self.data_kick.notify_one();
+        }
+        seq
+    }
+
+    /// Waits until the queued frame `seq` is on the socket, or the link is gone.
+    async fn data_written(&self, seq: u64) {
+        let mut closed = self.closed.subscribe();
+        tokio::select! {
+            biased;
+            _ = self.data.written(seq) => {}
+            _ = closed.wait_for(|c| *c) => {}
         }
     }
 
@@ -2296,7 +2309,10 @@ impl ReplicatedDisk {
                     // Protocol A answers once the frame is sent, so it sends at once; so do
                     // large payloads, which are not worth a copy.
                     if r.set.protocol != Protocol::A && m.data().len() <= QUEUE_FRAME_MAX {
-                        p.queue_data(&m);
+                        let seq = p.queue_data(&m);
+                        // The local write waits until the batch is on its way, so the peer
+                        // applies it while this node writes, instead of after.
+                        p.data_written(seq).await;
                     } else if let Err(e) = p.send_data(&m).await {
                         r.drop_link(&p, &e);
                     }
