@@ -205,7 +205,10 @@ impl<W> SocketSink<W> {
                 |e| tracing::warn!(error = %e, "no pipe for this NBD connection: reads are copied"),
             )
             .ok();
-        SocketSink { w, pipe, staged: 0 }
+        SocketSink {
+            pipe,
+            ..SocketSink::copying(w)
+        }
     }
 
     /// A sink that sends every reply from memory (see [`splice_pays`]).

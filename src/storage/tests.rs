@@ -256,6 +256,12 @@ fn the_engine_variable_is_parsed_strictly() {
     assert!(e.contains("TWINBD_IO_ENGINE") && e.contains("urign"), "{e}");
 }
 
+/// `read_bulk` of `want.len()` bytes at `offset` returns `want`.
+async fn assert_bulk_reads(disk: &Disk, offset: u64, want: &[u8]) {
+    let got = disk.read_bulk(offset, want.len()).await.expect("read_bulk");
+    assert_eq!(&got[..], want, "read_bulk at {offset}");
+}
+
 /// Resync's direct reads and writes stay coherent with writes through the page cache, and
 /// fall back to it for ranges direct IO cannot take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,35 +290,20 @@ async fn bulk_io_is_coherent_with_the_page_cache() {
         .await
         .expect("write_bulk");
     assert!(cached::none_cached(&disk.disk_file().file, 1 << 20, 65536));
-    assert_eq!(
-        &disk.read_bulk(1 << 20, 65536).await.expect("read_bulk")[..],
-        &pattern(6, 65536)[..]
-    );
+    assert_bulk_reads(&disk, 1 << 20, &pattern(6, 65536)).await;
     // A range with pages in the cache, some dirty, is read with the latest data.
     disk.write(32768, pattern(3, 4096).into(), false)
         .await
         .expect("write");
     expect[32768..36864].copy_from_slice(&pattern(3, 4096));
-    assert_eq!(
-        &disk.read_bulk(0, 65536).await.expect("read_bulk")[..],
-        &expect[..]
-    );
+    assert_bulk_reads(&disk, 0, &expect).await;
     // Unaligned ranges go through the page cache.
     disk.write_bulk(100, pattern(4, 1000).into())
         .await
         .expect("unaligned write_bulk");
     expect[100..1100].copy_from_slice(&pattern(4, 1000));
-    assert_eq!(
-        &disk.read_bulk(0, 65536).await.expect("read_bulk")[..],
-        &expect[..]
-    );
-    assert_eq!(
-        &disk
-            .read_bulk(100, 1000)
-            .await
-            .expect("unaligned read_bulk")[..],
-        &pattern(4, 1000)[..]
-    );
+    assert_bulk_reads(&disk, 0, &expect).await;
+    assert_bulk_reads(&disk, 100, &pattern(4, 1000)).await;
     // The data is on the disk, as another reader of the file sees it after a flush.
     disk.flush().await.expect("flush");
     let on_disk = std::fs::read(&path).expect("read file");
