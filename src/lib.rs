@@ -8,6 +8,7 @@
 //! * [`node`]: the daemon: role rules, control socket, NBD export lifecycle.
 //! * [`control`] / [`status`]: the control protocol and the status object of the CLI.
 //! * [`sockpoll`]: the brief socket poll of readers whose other end answers quickly.
+//! * [`tcp`]: settings of the NBD and peer connections (no delay; no pacing on this machine).
 
 pub mod bitmap;
 pub mod config;
@@ -23,3 +24,4 @@ pub mod repl;
 pub mod sockpoll;
 pub mod status;
 pub mod storage;
+pub mod tcp;

@@ -189,7 +189,7 @@ pub async fn serve<B: Backend>(
                 tokio::spawn(async move {
                     let result = match stream {
                         Stream::Tcp(s) => {
-                            let _ = s.set_nodelay(true);
+                            crate::tcp::tune(&s);
                             let splice = match (s.peer_addr(), s.local_addr()) {
                                 (Ok(p), Ok(l)) => super::sink::splice_pays(p.ip(), l.ip()),
                                 _ => false,

@@ -233,8 +233,7 @@ impl<W> SocketSink<W> {
 /// for skbs of many page fragments runs in the sending thread. Unix-socket clients are
 /// always local: their sessions copy.
 pub fn splice_pays(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
-    let peer = peer.to_canonical();
-    !peer.is_loopback() && peer != local.to_canonical()
+    !crate::tcp::same_machine(peer, local)
 }
 
 impl<W: SocketHalf> AsyncWrite for SocketSink<W> {

@@ -406,16 +406,12 @@ pub struct Conn {
     pub writer: FrameWriter,
 }
 
-fn tune(s: &TcpStream) {
-    let _ = s.set_nodelay(true);
-}
-
 /// Dials the peer and authenticates one connection of session `session`.
 pub async fn dial(p: &LinkParams, channel: Channel, session: u64) -> Result<Conn, LinkError> {
     let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(p.peer_addr))
         .await
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))??;
-    tune(&s);
+    crate::tcp::tune(&s);
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(s, p, Some((channel, session))))
         .await
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
@@ -423,7 +419,7 @@ pub async fn dial(p: &LinkParams, channel: Channel, session: u64) -> Result<Conn
 
 /// Authenticates a connection the peer dialed.
 pub async fn accept(s: TcpStream, p: &LinkParams) -> Result<Conn, LinkError> {
-    tune(&s);
+    crate::tcp::tune(&s);
     tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(s, p, None))
         .await
         .map_err(|_| LinkError::Timeout(HANDSHAKE_TIMEOUT))?
