@@ -100,6 +100,7 @@ mod tests {
         let local = ip("10.0.0.5");
         assert!(same_machine(ip("127.0.0.1"), ip("127.0.0.1")));
         assert!(same_machine(ip("127.8.0.1"), local));
+        assert!(same_machine(ip("127.3.2.1"), local));
         assert!(same_machine(ip("::1"), ip("::1")));
         assert!(same_machine(ip("::ffff:127.0.0.1"), ip("::ffff:127.0.0.1")));
         assert!(same_machine(ip("10.0.0.5"), local));

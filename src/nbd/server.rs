@@ -190,10 +190,7 @@ pub async fn serve<B: Backend>(
                     let result = match stream {
                         Stream::Tcp(s) => {
                             crate::tcp::tune(&s);
-                            let splice = match (s.peer_addr(), s.local_addr()) {
-                                (Ok(p), Ok(l)) => super::sink::splice_pays(p.ip(), l.ip()),
-                                _ => false,
-                            };
+                            let splice = super::sink::splice_pays(&s);
                             tracing::debug!(%peer, splice, "NBD client connected");
                             let (r, w) = s.into_split();
                             let w = if splice {

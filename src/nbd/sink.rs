@@ -221,8 +221,8 @@ impl<W> SocketSink<W> {
     }
 }
 
-/// Whether splicing read data from the page cache pays for a client at `peer`, connected to
-/// our address `local`.
+/// Whether splicing read data from the page cache pays for the client at the other end of
+/// `s`.
 ///
 /// For a client on another machine it does: the network card reads the pages where they
 /// are, and this process copies nothing. For a client on this machine (a loopback address,
@@ -232,8 +232,8 @@ impl<W> SocketSink<W> {
 /// copy made just before is still in the CPU's cache, and the loopback device's receive work
 /// for skbs of many page fragments runs in the sending thread. Unix-socket clients are
 /// always local: their sessions copy.
-pub fn splice_pays(peer: std::net::IpAddr, local: std::net::IpAddr) -> bool {
-    !crate::tcp::same_machine(peer, local)
+pub fn splice_pays(s: &tokio::net::TcpStream) -> bool {
+    !crate::tcp::is_local(s)
 }
 
 impl<W: SocketHalf> AsyncWrite for SocketSink<W> {
