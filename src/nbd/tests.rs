@@ -688,10 +688,10 @@ async fn idle_poll_gets_the_socket_of_socket_sources_only() {
     assert!(pr.socket_fd().is_none());
 }
 
-/// Which addresses are this machine is `crate::tcp::same_machine`'s test; here, that a
-/// session's choice follows it.
+/// Which addresses are this machine is `crate::tcp::same_machine`'s test (other machines'
+/// included); here, that the splice choice follows it for a real loopback connection.
 #[tokio::test]
-async fn only_clients_on_other_machines_get_spliced_reads() {
+async fn clients_on_this_machine_get_copied_reads() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
