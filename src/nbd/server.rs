@@ -7,6 +7,9 @@
 //! (vectored, batched: replies that complete together leave in one `writev`; large cached
 //! reads spliced from the page cache). A session with nothing in flight polls its socket
 //! briefly before it waits on the reactor, while its client sends one request at a time.
+//! While it reads the rest of a large write payload it raises the socket's receive
+//! low-water mark to that rest, so that it wakes once per payload, not per segment
+//! (`crate::tcp::LowWater`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -270,6 +273,7 @@ where
         w,
         rbuf: BytesMut::with_capacity(256 * 1024),
         after_large_write: false,
+        low_water: Default::default(),
         out: OutQueue::default(),
         lim,
         export,
@@ -539,6 +543,8 @@ struct Transmission<B: Backend, R, W> {
     rbuf: BytesMut,
     /// The last request read was a write with a payload of `DIRECT_PAYLOAD` or more.
     after_large_write: bool,
+    /// The socket's receive low-water mark.
+    low_water: crate::tcp::LowWater,
     out: OutQueue,
     lim: Limits,
     export: Arc<Export<B>>,
@@ -606,6 +612,16 @@ where
             if wq.is_empty() {
                 std::mem::swap(&mut self.out, &mut wq);
                 wq.seal();
+            }
+            if can_read {
+                if let Err(e) = self.follow_low_water(&rstate) {
+                    // The mark may be above what the client will send: reading on could
+                    // wait forever, so the session ends once its requests have.
+                    tracing::warn!(error = %e, "cannot set the socket's receive low-water mark");
+                    result = Err(e.into());
+                    reading = false;
+                    continue;
+                }
             }
             let idle = can_read
                 && pending.is_empty()
@@ -696,6 +712,21 @@ where
         let _ = self.w.flush().await;
         let _ = self.w.shutdown().await;
         result
+    }
+
+    /// Sets the socket's receive low-water mark for the next read: the rest of a large write
+    /// payload, which is read straight into its buffer, or 1 (`crate::tcp::LowWater`).
+    fn follow_low_water(&mut self, rstate: &ReadState) -> io::Result<()> {
+        let Some(fd) = self.r.low_water_fd() else {
+            return Ok(());
+        };
+        let bound = match rstate {
+            ReadState::Payload { buf, filled, .. } if buf.len() - *filled >= DIRECT_PAYLOAD => {
+                buf.len() - *filled
+            }
+            _ => 0,
+        };
+        self.low_water.follow(&fd, bound)
     }
 
     /// Parses every complete request in the read buffer and starts it. Returns `Ok(false)`

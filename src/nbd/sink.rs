@@ -362,10 +362,20 @@ pub trait RequestSource: AsyncRead + Unpin + Send {
     fn socket_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// The socket, when the kernel honours its receive low-water mark in the readiness it
+    /// reports (TCP; `crate::tcp::LowWater`); `None` otherwise.
+    fn low_water_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl RequestSource for tokio::net::tcp::OwnedReadHalf {
     fn socket_fd(&self) -> Option<RawFd> {
+        Some(self.as_ref().as_raw_fd())
+    }
+
+    fn low_water_fd(&self) -> Option<RawFd> {
         Some(self.as_ref().as_raw_fd())
     }
 }

@@ -629,6 +629,102 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
     }
 }
 
+/// Large write payloads that arrive in pieces, with pauses between them, over TCP (where
+/// the session raises the socket's receive low-water mark while it reads one): the mark never
+/// asks for more than the client still has to send, every write completes, and a small
+/// request after each is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_arriving_in_pieces_never_wait_for_more_than_was_sent() {
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+    let h = harness(true);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let addr = l.local_addr().expect("addr");
+    let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+    let (mut c, s) = (c.expect("connect"), s.expect("accept").0);
+    let fd = s.as_raw_fd();
+    let ctx = Arc::clone(&h.ctx);
+    let task = tokio::spawn(async move {
+        let (r, w) = s.into_split();
+        run_session(r, super::sink::SocketSink::new(w), &ctx).await
+    });
+    go(&mut c, false).await;
+    let bounded = Duration::from_secs(10);
+    // (offset, length, pieces): the whole device, just above the direct-read size, and
+    // sizes between.
+    let writes: [(u64, usize, usize); 4] = [
+        (0, SIZE as usize, 4),
+        (4096, 64 * 1024 + 1, 2),
+        (SIZE - 300_000, 300_000, 3),
+        (12_345, 700_001, 5),
+    ];
+    let mut image = vec![0u8; SIZE as usize];
+    for (i, (off, len, pieces)) in writes.into_iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|j| (j * 31 + i * 7) as u8).collect();
+        let mut m = Vec::new();
+        encode_request(
+            &mut m,
+            &Request {
+                flags: 0,
+                command: CMD_WRITE,
+                cookie: i as u64,
+                offset: off,
+                len: len as u32,
+            },
+        );
+        let step = len.div_ceil(pieces);
+        let mut sent = 0;
+        for piece in data.chunks(step) {
+            if sent == 0 {
+                m.extend_from_slice(piece);
+                c.write_all(&m).await.expect("header and first piece");
+            } else {
+                c.write_all(piece).await.expect("piece");
+            }
+            sent += piece.len();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let mark = crate::tcp::receive_low_water(&fd).expect("low-water mark");
+            // What of this payload the session has not read yet: still to come, or waiting
+            // in the socket. The mark must never ask for more.
+            let unread = len - sent + waiting_bytes(fd);
+            assert!(
+                mark <= unread.max(1),
+                "write {i}: mark {mark} with {unread} bytes of the payload unread"
+            );
+        }
+        let (cookie, err) = tokio::time::timeout(bounded, simple_reply(&mut c))
+            .await
+            .expect("write answered");
+        assert_eq!((cookie, err), (i as u64, 0));
+        image[off as usize..off as usize + len].copy_from_slice(&data);
+        request(&mut c, CMD_FLUSH, 0, 200 + i as u64, 0, 0, &[]).await;
+        let (cookie, err) = tokio::time::timeout(bounded, simple_reply(&mut c))
+            .await
+            .expect("flush answered");
+        assert_eq!((cookie, err), (200 + i as u64, 0));
+    }
+    assert_eq!(crate::tcp::receive_low_water(&fd).expect("mark"), 1);
+    request(&mut c, CMD_READ, 0, 100, 0, SIZE as u32, &[]).await;
+    let (_, got) =
+        tokio::time::timeout(bounded, next_read_reply(&mut c, false, &[(0, SIZE as u32)]))
+            .await
+            .expect("read answered");
+    assert!(got == image, "the device does not hold what was written");
+    request(&mut c, CMD_DISC, 0, 8, 0, 0, &[]).await;
+    task.await.expect("join").expect("clean end");
+}
+
+/// Bytes received on socket `fd` and not read yet.
+fn waiting_bytes(fd: std::os::fd::RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int; `fd` is a socket the test keeps open.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).expect("byte count")
+}
+
 trait ConnSend: Conn + Send {}
 impl<T: Conn + Send> ConnSend for T {}
 

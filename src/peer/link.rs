@@ -267,6 +267,9 @@ enum ReadState {
     },
 }
 
+/// The rest of a frame's data at least this large is read straight into its buffer.
+const DIRECT_DATA: usize = 64 * 1024;
+
 /// Receives frames from one connection. `recv` is cancel-safe: an interrupted call loses
 /// nothing, so it can sit in a `select!` beside other work.
 pub struct FrameReader {
@@ -274,6 +277,7 @@ pub struct FrameReader {
     buf: BytesMut,
     state: ReadState,
     seq: u64,
+    low_water: crate::tcp::LowWater,
 }
 
 impl FrameReader {
@@ -283,6 +287,7 @@ impl FrameReader {
             buf: BytesMut::with_capacity(64 * 1024),
             state: ReadState::Header,
             seq: 0,
+            low_water: Default::default(),
         }
     }
 
@@ -298,8 +303,17 @@ impl FrameReader {
             if let Some(msg) = self.parse()? {
                 return Ok(msg);
             }
+            // Wake once the rest of a large frame is here, not at every segment
+            // (`crate::tcp::LowWater`); the sender is bound to send that rest.
+            let bound = match &self.state {
+                ReadState::Data { data, filled, .. } if data.len() - *filled >= DIRECT_DATA => {
+                    data.len() - *filled
+                }
+                _ => 0,
+            };
+            self.low_water.follow(self.r.as_ref(), bound)?;
             let n = match &mut self.state {
-                ReadState::Data { data, filled, .. } if data.len() - *filled >= 64 * 1024 => {
+                ReadState::Data { data, filled, .. } if data.len() - *filled >= DIRECT_DATA => {
                     let n = self.r.read(&mut data[*filled..]).await?;
                     *filled += n;
                     n
@@ -626,5 +640,51 @@ mod tests {
             }
         }
         assert!(reader.try_recv().expect("nothing buffered").is_none());
+    }
+
+    /// Large frames that arrive in pieces, with pauses between them: the reader raises the
+    /// socket's receive low-water mark while it reads one, and must still get each frame as
+    /// soon as its last byte is sent, with nothing of the next one sent yet (a mark beyond
+    /// the frame's end would wait for bytes that never come).
+    #[tokio::test]
+    async fn large_frames_in_pieces_are_received_once_their_last_byte_is_sent() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut tx = client.expect("connect");
+        tx.set_nodelay(true).expect("nodelay");
+        let (r, _w) = server.expect("accept").0.into_split();
+        let mut reader = FrameReader::new(r);
+        let sizes = [1 << 20, 64 * 1024 + 1, 3 << 20, 300_000, 4096, 2 << 20];
+        for (seq, len) in sizes.into_iter().enumerate() {
+            let msg = write(seq as u64 + 1, len);
+            let mut frame = wire::encode(&msg, seq as u64);
+            frame.extend_from_slice(msg.data());
+            let mut got = std::pin::pin!(reader.recv());
+            let mut early = None;
+            for piece in frame.chunks(frame.len().div_ceil(3)) {
+                assert!(early.is_none(), "frame {seq} received before its last byte");
+                tx.write_all(piece).await.expect("piece");
+                // The frame is not whole yet, or the reader must finish it now.
+                early = tokio::time::timeout(Duration::from_millis(30), &mut got)
+                    .await
+                    .ok();
+            }
+            let msg = match early {
+                Some(m) => m,
+                None => tokio::time::timeout(Duration::from_secs(5), got)
+                    .await
+                    .unwrap_or_else(|_| panic!("frame {seq} ({len} bytes) not received")),
+            }
+            .expect("frame");
+            match msg {
+                Msg::Write { id, data, .. } => {
+                    assert_eq!((id, data.len()), (seq as u64 + 1, len));
+                    assert!(data.iter().all(|b| *b == id as u8));
+                }
+                other => panic!("unexpected {}", other.name()),
+            }
+        }
     }
 }
