@@ -631,8 +631,9 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
 
 /// Large write payloads that arrive in pieces, with pauses between them, over TCP (where
 /// the session raises the socket's receive low-water mark while it reads one): the mark never
-/// asks for more than the client still has to send, every write completes, and a small
-/// request after each is answered at once.
+/// asks for more than the payload's unread bytes (still to come, or waiting in the socket),
+/// every write completes once its last byte is sent, and a small request after each is
+/// answered at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_writes_arriving_in_pieces_never_wait_for_more_than_was_sent() {
     use std::os::fd::AsRawFd;
