@@ -632,10 +632,11 @@ async fn large_cached_reads_are_sent_from_the_page_cache_over_sockets() {
 /// Large write payloads that arrive in pieces, with pauses between them, over TCP (where
 /// the session raises the socket's receive low-water mark while it reads one): the mark never
 /// asks for more than the payload's unread bytes (still to come, or waiting in the socket),
-/// every write completes once its last byte is sent, and a small request after each is
-/// answered at once.
+/// every write completes once its last byte is sent, a small request after each is answered
+/// at once, and a close in the middle of a payload still ends the session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_writes_arriving_in_pieces_never_wait_for_more_than_was_sent() {
+    use crate::storage::Backend as _;
     use std::os::fd::AsRawFd;
     use std::time::Duration;
     let h = harness(true);
@@ -713,8 +714,24 @@ async fn large_writes_arriving_in_pieces_never_wait_for_more_than_was_sent() {
             .await
             .expect("read answered");
     assert!(got == image, "the device does not hold what was written");
-    request(&mut c, CMD_DISC, 0, 8, 0, 0, &[]).await;
-    task.await.expect("join").expect("clean end");
+    // A client that closes in the middle of a large payload, the mark raised above what it
+    // sent: the session still sees the close, ends, and writes nothing of that payload.
+    request(&mut c, CMD_WRITE, 0, 9, 0, SIZE as u32, &[0xee; 200_000]).await;
+    let raised = tokio::time::timeout(bounded, async {
+        while crate::tcp::receive_low_water(&fd).expect("mark") <= 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    raised
+        .await
+        .expect("the mark is raised while the payload is read");
+    c.shutdown().await.expect("close");
+    let _ = tokio::time::timeout(bounded, task)
+        .await
+        .expect("the session ends after a close mid-payload")
+        .expect("join");
+    let disk = h.export.backend.read(0, SIZE as usize).await.expect("read");
+    assert!(disk[..] == image[..], "a partial payload reached the disk");
 }
 
 /// Bytes received on socket `fd` and not read yet.

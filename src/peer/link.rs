@@ -645,7 +645,7 @@ mod tests {
     /// Large frames that arrive in pieces, with pauses between them: the reader raises the
     /// socket's receive low-water mark while it reads one, and must still get each frame as
     /// soon as its last byte is sent, with nothing of the next one sent yet (a mark beyond
-    /// the frame's end would wait for bytes that never come).
+    /// the frame's end would wait for bytes that never come); a close mid-frame ends it.
     #[tokio::test]
     async fn large_frames_in_pieces_are_received_once_their_last_byte_is_sent() {
         use tokio::io::AsyncWriteExt;
@@ -686,5 +686,20 @@ mod tests {
                 other => panic!("unexpected {}", other.name()),
             }
         }
+        // A sender that closes in the middle of a large frame: the reader still sees the
+        // close, whatever the mark.
+        let msg = write(99, 1 << 20);
+        let mut frame = wire::encode(&msg, sizes.len() as u64);
+        frame.extend_from_slice(&msg.data()[..300_000]);
+        tx.write_all(&frame).await.expect("half a frame");
+        let mut got = std::pin::pin!(reader.recv());
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut got)
+            .await
+            .is_err());
+        drop(tx);
+        let end = tokio::time::timeout(Duration::from_secs(5), got)
+            .await
+            .expect("the close is seen mid-frame");
+        assert!(matches!(end, Err(LinkError::Closed)), "{end:?}");
     }
 }
