@@ -110,7 +110,8 @@ impl LowWater {
     pub const MAX: usize = 1 << 20;
 
     /// The mark as last set.
-    pub fn current(&self) -> usize {
+    #[cfg(test)]
+    fn current(&self) -> usize {
         self.current
     }
 

@@ -376,7 +376,7 @@ impl RequestSource for tokio::net::tcp::OwnedReadHalf {
     }
 
     fn low_water_fd(&self) -> Option<RawFd> {
-        Some(self.as_ref().as_raw_fd())
+        self.socket_fd()
     }
 }
 

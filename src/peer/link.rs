@@ -303,17 +303,19 @@ impl FrameReader {
             if let Some(msg) = self.parse()? {
                 return Ok(msg);
             }
-            // Wake once the rest of a large frame is here, not at every segment
-            // (`crate::tcp::LowWater`); the sender is bound to send that rest.
-            let bound = match &self.state {
+            // The rest of a large frame's data, read straight into its buffer.
+            let direct = match &self.state {
                 ReadState::Data { data, filled, .. } if data.len() - *filled >= DIRECT_DATA => {
-                    data.len() - *filled
+                    Some(data.len() - *filled)
                 }
-                _ => 0,
+                _ => None,
             };
-            self.low_water.follow(self.r.as_ref(), bound)?;
+            // Wake once that rest is here, not at every segment (`crate::tcp::LowWater`);
+            // the sender is bound to send it.
+            self.low_water
+                .follow(self.r.as_ref(), direct.unwrap_or(0))?;
             let n = match &mut self.state {
-                ReadState::Data { data, filled, .. } if data.len() - *filled >= DIRECT_DATA => {
+                ReadState::Data { data, filled, .. } if direct.is_some() => {
                     let n = self.r.read(&mut data[*filled..]).await?;
                     *filled += n;
                     n
