@@ -661,7 +661,7 @@ impl<'a> Reader<'a> {
     }
     fn string(&mut self) -> Result<String, WireError> {
         let n = self.u32()? as usize;
-        if n > 4096 {
+        if n > MAX_STR {
             return Err(self.bad(format!("string of {n} bytes")));
         }
         let b = self.bytes(n)?;
@@ -677,8 +677,17 @@ fn put64(f: &mut Vec<u8>, v: u64) {
     f.extend_from_slice(&v.to_be_bytes());
 }
 
+/// Longest string a frame carries, in bytes.
+const MAX_STR: usize = 4096;
+
+/// Writes `s`, cut to `MAX_STR` bytes at a character boundary (a reason or a name too long is
+/// shortened, never sent as something the receiver must refuse).
 fn put_str(f: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(4096)];
+    let mut end = s.len().min(MAX_STR);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = &s.as_bytes()[..end];
     put32(f, b.len() as u32);
     f.extend_from_slice(b);
 }
@@ -686,6 +695,25 @@ fn put_str(f: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_strings_are_cut_at_a_character_boundary() {
+        // 4095 bytes of ASCII, then two-byte characters: the cut at 4096 would split one.
+        let reason = format!("{}{}", "x".repeat(MAX_STR - 1), "é".repeat(10));
+        let f = encode(
+            &Msg::Bye {
+                reason: reason.clone(),
+            },
+            7,
+        );
+        let h = decode_header(f[..HEADER_LEN].try_into().expect("header")).expect("header");
+        let got = decode(&h, IoBuf::from(&f[HEADER_LEN..])).expect("a long reason decodes");
+        let Msg::Bye { reason: cut } = got else {
+            panic!("decoded as {}", got.name())
+        };
+        assert_eq!(cut.len(), MAX_STR - 1);
+        assert!(reason.starts_with(&cut));
+    }
 
     fn roundtrip(msg: Msg) -> Msg {
         let mut frame = encode(&msg, 7);
