@@ -32,7 +32,7 @@
 //! disk = "/var/lib/twinbd/r0.img"    # regular file or block device
 //! meta = "/var/lib/twinbd/r0.meta"   # external metadata file, or "internal"
 //! replication = "10.0.0.1:7789"      # replication listen address; the peer connects here
-//! nbd = "0.0.0.0:10809"              # NBD export: IP socket address or unix:/path
+//! nbd = "0.0.0.0:10809"              # NBD export: host:port or unix:/path
 //! admin = "/run/twinbd/r0-alpha.sock"
 //! ```
 //!
@@ -47,10 +47,11 @@
 //!   longer than the interval.
 //! * Resource and node names are 1 to 63 bytes of `A-Z a-z 0-9 _ . -`.
 //! * There is one node (standalone) or two nodes (a replicated pair).
-//! * `replication` is an IP socket address literal (`10.0.0.1:7789`,
-//!   `[fd00::1]:7789`); host names are not resolved. In a pair, each node
-//!   needs its own address, with a non-zero port and a concrete (not
-//!   unspecified) IP, because the peer connects to it.
+//! * `replication` and a TCP `nbd` address are `host:port`: an IP address
+//!   (`10.0.0.1:7789`, `[fd00::1]:7789`) or a host name, resolved when the
+//!   file is read (the first address the resolver returns). In a pair, each
+//!   node needs its own replication address, with a non-zero port and a
+//!   concrete (not unspecified) IP, because the peer connects to it.
 //! * `disk`, `admin`, an external `meta` and a `unix:` NBD address must be
 //!   absolute paths. Unix socket paths must fit in `sun_path`.
 //! * [`Config::load`] additionally checks the file system: every node's disk
@@ -61,7 +62,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -359,11 +360,40 @@ impl fmt::Display for NbdAddr {
     }
 }
 
+/// Reads `host:port`: an IP socket address (`10.0.0.1:7789`, `[fd00::1]:7789`), or a host
+/// name and a port, resolved now; the first address the system's resolver returns is used
+/// (`/etc/gai.conf` orders them). `example` is a literal shown in the error.
+pub fn socket_addr(s: &str, example: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let expected =
+        format!("expected host:port, such as {example} or a host name with a port, or [IPv6]:port");
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("invalid address {s:?}; {expected}"));
+    };
+    let valid_host = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!("invalid port in {s:?}; {expected}"));
+    };
+    if !valid_host {
+        return Err(format!("invalid address {s:?}; {expected}"));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("host name {host:?} has no address")),
+        Err(e) => Err(format!("cannot resolve host name {host:?}: {e}")),
+    }
+}
+
 impl FromStr for NbdAddr {
     type Err = ValueError;
 
-    /// Accepts `unix:/absolute/path` or an IP socket address (`host:port`
-    /// with an IPv4 literal or `[IPv6]:port`).
+    /// Accepts `unix:/absolute/path` or `host:port` (see [`socket_addr`]).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(rest) = s.strip_prefix("unix:") {
             let path = check_abs_path(rest).map_err(|e| {
@@ -374,13 +404,9 @@ impl FromStr for NbdAddr {
             check_socket_path_len(&path).map_err(ValueError::new)?;
             return Ok(NbdAddr::Unix(path));
         }
-        s.parse::<SocketAddr>().map(NbdAddr::Tcp).map_err(|_| {
-            ValueError::new(format!(
-                "invalid address {s:?}; expected an IP socket address such as \
-                 0.0.0.0:10809 or [::]:10809 (host names are not accepted), \
-                 or unix:/absolute/path"
-            ))
-        })
+        socket_addr(s, "0.0.0.0:10809")
+            .map(NbdAddr::Tcp)
+            .map_err(|e| ValueError::new(format!("{e}; or unix:/absolute/path")))
     }
 }
 
@@ -1192,17 +1218,8 @@ impl Ctx<'_> {
             }
 
             let replication = self.required(node.replication, &span, &key("replication"))?;
-            let replication_addr: SocketAddr = replication.get_ref().parse().map_err(|_| {
-                self.invalid(
-                    Some(&replication.span()),
-                    key("replication"),
-                    format!(
-                        "invalid address {:?}; expected an IP socket address such as \
-                         10.0.0.1:7789 or [fd00::1]:7789 (host names are not accepted)",
-                        replication.get_ref()
-                    ),
-                )
-            })?;
+            let replication_addr = socket_addr(replication.get_ref(), "10.0.0.1:7789")
+                .map_err(|e| self.invalid(Some(&replication.span()), key("replication"), e))?;
             if pair && replication_addr.port() == 0 {
                 return Err(self.invalid(
                     Some(&replication.span()),
@@ -1747,7 +1764,7 @@ mod tests {
         (
             "bad-address.toml",
             Some("node \"beta\".replication"),
-            &["beta.example.com:7789", "host names are not accepted"],
+            &["beta.example.com:77890", "invalid port"],
             Some(18),
         ),
         (
@@ -2148,10 +2165,23 @@ mod tests {
             NbdAddr::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10809))
         );
 
+        // A host name is resolved when the file is read.
+        let named: NbdAddr = "localhost:10809".parse().expect("a host name");
+        assert!(
+            matches!(named, NbdAddr::Tcp(a) if a.ip().is_loopback() && a.port() == 10809),
+            "localhost:10809 resolved to {named}"
+        );
+        let unknown = "no-such-host.invalid:10809"
+            .parse::<NbdAddr>()
+            .expect_err("a name that does not resolve");
+        assert!(unknown.0.contains("no-such-host.invalid"), "{}", unknown.0);
+
         for s in [
             "unix:",
             "unix:relative.sock",
-            "localhost:10809",
+            "localhost",
+            "localhost:port",
+            "local_host:10809",
             "10809",
             "::1:10809",
             "",
