@@ -77,7 +77,9 @@ impl Reply {
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub ts_ms: u64,
-    /// What changed: "role", "disk", "connection", "resync", "nbd_clients", "peer", "start".
+    /// What changed: "start" (the first line), "role", "disk", "connection" (also the peer's
+    /// role and disk), "resync", "nbd_clients", "out_of_sync", "current" (a line sent to a
+    /// reader that attaches), "lagged" (a reader fell behind; no status).
     pub kind: String,
     /// Free text for operators.
     pub detail: String,

@@ -1007,6 +1007,31 @@ fn split_brain(policy: &str, loser: &str) {
 
     write_blocks(&pair.alpha, &base);
     pair.wait_in_sync("the base data replicated", Duration::from_secs(30));
+    if policy == "disconnect" {
+        // A request to discard data is for the next sync decision only: made where there is
+        // nothing to discard, it is used up, and the split brain below is still left to the
+        // operator. While connected, the request is refused.
+        let armed = if loser == "alpha" {
+            &pair.alpha
+        } else {
+            &pair.beta
+        };
+        armed.cli(&["disconnect"]).ok();
+        armed.cli(&["connect", "--discard-my-data"]).ok();
+        assert!(
+            log_shows_within(armed, "was not used", Duration::from_secs(20)),
+            "{}: reconnected in sync, but the discard request was not reported cleared",
+            armed.name
+        );
+        pair.wait_in_sync(
+            "reconnected with nothing to discard",
+            Duration::from_secs(30),
+        );
+        assert_refused(
+            armed.cli(&["connect", "--discard-my-data"]),
+            "already connected",
+        );
+    }
 
     // The network between the nodes goes silent: beta takes over, alpha serves on.
     proxy.set_blackhole(true);
@@ -1268,6 +1293,23 @@ fn assert_refused(out: Output, word: &str) -> String {
         "the refusal does not mention {word:?}: {out}"
     );
     reason
+}
+
+#[test]
+fn command_line_errors_are_one_line() {
+    for args in [
+        &["status"][..],
+        &["status", "-c", "/etc/twinbd/r0.toml", "--bogus"],
+        &["promot", "-c", "/etc/twinbd/r0.toml"],
+    ] {
+        let out = run(Command::new(TWINBD).args(args), CMD_TIMEOUT);
+        assert_eq!(out.status.code(), Some(2), "{out}");
+        assert!(out.stdout.is_empty(), "{out}");
+        let reason = assert_refused(out, "twinbd: ");
+        assert!(reason.contains("--help"), "{reason}");
+    }
+    let help = run(Command::new(TWINBD).args(["status", "--help"]), CMD_TIMEOUT).ok();
+    assert!(help.stdout.contains("Usage:"), "{help}");
 }
 
 /// Waits until `node` sees its peer in `role`.

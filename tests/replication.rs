@@ -1148,6 +1148,18 @@ fn writes_during_full_sync_land_on_both_disks() {
         b["resync"].is_object(),
         "beta shows no resync progress: {b:#}"
     );
+    // The target knows it differs by what is left to copy, though its own bitmap is clean.
+    let (b_done, b_total) = (num(&b, "resync.done_bytes"), num(&b, "resync.total_bytes"));
+    assert_eq!(b_total, size, "beta's resync total: {b:#}");
+    assert_eq!(
+        num(&b, "out_of_sync_bytes"),
+        b_total - b_done,
+        "the sync target's out_of_sync_bytes is not what is left to copy: {b:#}"
+    );
+    assert!(
+        b_done < b_total,
+        "beta's sync ended too soon to check: {b:#}"
+    );
 
     // Writes everywhere: into parts already copied and parts not yet copied.
     let mut writes = scattered(16, 64 * 1024, size, 0x20);

@@ -10,7 +10,7 @@ pub mod state;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -30,6 +30,29 @@ use state::{Decision, RoleView};
 const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long shutdown and demotion wait for NBD clients to finish their requests.
 const CLIENT_DRAIN: Duration = Duration::from_secs(30);
+/// A running resync gets an `events` line once this long has passed since the last one,
+/// progress or not; with the 250 ms checks of `watch_events`, no second passes without one.
+const RESYNC_EVENT_EVERY: Duration = Duration::from_millis(750);
+
+/// Where split-brain recovery files go when the disk's directory will not do.
+const DEFAULT_RECOVERY_DIR: &str = "/var/lib/twinbd";
+
+/// Where this node writes split-brain recovery files: beside an external metadata file; with
+/// internal metadata, beside a disk that is a regular file, else (a block device, whose
+/// directory is `/dev`, a file system in memory) in [`DEFAULT_RECOVERY_DIR`].
+fn recovery_dir(meta: &MetaSpec, disk: &Path, disk_is_block: bool) -> PathBuf {
+    let beside = match meta {
+        MetaSpec::External(p) => p.parent(),
+        MetaSpec::Internal if !disk_is_block => disk.parent(),
+        MetaSpec::Internal => None,
+    };
+    beside.map_or_else(|| PathBuf::from(DEFAULT_RECOVERY_DIR), Path::to_path_buf)
+}
+
+fn disk_is_block(disk: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(disk).is_ok_and(|m| m.file_type().is_block_device())
+}
 
 /// Errors that stop the daemon or a command before it runs.
 #[derive(Debug, thiserror::Error)]
@@ -196,12 +219,7 @@ impl Node {
         let changed = Arc::new(Notify::new());
         let (repl_tx, repl_rx) = mpsc::unbounded_channel();
         let health = DiskHealth::new(repl_tx.clone());
-        let recovery_dir = match &me.meta {
-            MetaSpec::External(p) => p.parent(),
-            MetaSpec::Internal => me.disk.parent(),
-        }
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+        let recovery_dir = recovery_dir(&me.meta, &me.disk, disk_is_block(&me.disk));
         let repl = cfg.peer_of(&me.name).map(|peer| {
             Replicator::new(
                 ReplSettings {
@@ -318,6 +336,15 @@ impl Node {
             )
         };
         let r = self.repl.as_ref().map(|r| r.status());
+        // A sync target's own bitmap holds only its own marks; what it knows differs from
+        // the source is what the resync has left to copy.
+        let out_of_sync = match r.as_ref() {
+            Some(r) if r.connection == Connection::SyncTarget => r
+                .resync
+                .as_ref()
+                .map_or(out_of_sync, |p| p.total_bytes.saturating_sub(p.done_bytes)),
+            _ => out_of_sync,
+        };
         Status {
             resource: self.cfg.resource.name.clone(),
             node: self.me.name.clone(),
@@ -467,9 +494,9 @@ impl Node {
         }
     }
 
-    /// Runs the `[handlers]` command for `event` (promote, demote, split_brain, peer_lost),
-    /// if one is configured: `sh -c`, with the resource, node, role and peer in its
-    /// environment, killed after 60 s; its failure is logged, never fatal.
+    /// Runs the `[handlers]` command for `event` (promote, demote, split_brain, peer_lost,
+    /// disk_failure), if one is configured: `sh -c`, with the resource, node, role and peer
+    /// in its environment, killed after 60 s; its failure is logged, never fatal.
     fn run_handler(&self, event: &'static str) {
         let h = &self.cfg.handlers;
         let cmd = match event {
@@ -623,11 +650,14 @@ impl Node {
         }
     }
 
-    fn event_line(&self, last: &mut Option<Status>) -> Option<String> {
+    /// The next line of the `events` stream, if the visible state changed since `last` (the
+    /// status last sent and when). While a resync runs, a line goes out at least every
+    /// `RESYNC_EVENT_EVERY` even when its progress has not moved (a stalled resync shows).
+    fn event_line(&self, last: &mut Option<(Status, Instant)>) -> Option<String> {
         let st = self.status();
         let kind = match last {
             None => "start",
-            Some(prev) => {
+            Some((prev, at)) => {
                 if prev.role != st.role {
                     "role"
                 } else if prev.disk != st.disk {
@@ -635,7 +665,7 @@ impl Node {
                 } else if prev.connection != st.connection || prev.peer != st.peer {
                     "connection"
                 } else if prev.resync.is_some() || st.resync.is_some() {
-                    if prev.resync == st.resync {
+                    if prev.resync == st.resync && at.elapsed() < RESYNC_EVENT_EVERY {
                         return None;
                     }
                     "resync"
@@ -659,7 +689,7 @@ impl Node {
             detail,
             status: st.clone(),
         };
-        *last = Some(st);
+        *last = Some((st, Instant::now()));
         serde_json::to_string(&ev).ok()
     }
 
@@ -691,6 +721,10 @@ impl Node {
             },
             Request::Connect { discard_my_data } => match &self.repl {
                 None => Reply::error(self.no_peer_link()),
+                Some(r) if discard_my_data && r.connected() => Reply::error(format!(
+                    "connect refused: {} is already connected to {}; --discard-my-data applies to the next connection only (run `twinbd disconnect` first)",
+                    self.me.name, self.peer_name
+                )),
                 Some(r) if discard_my_data => {
                     r.discard_my_data();
                     r.set_enabled(true);
@@ -907,4 +941,28 @@ async fn wait_for_signal() -> Result<(), NodeError> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_files_go_beside_the_metadata_or_to_persistent_storage() {
+        let ext = MetaSpec::External(PathBuf::from("/srv/meta/r0.meta"));
+        assert_eq!(
+            recovery_dir(&ext, Path::new("/dev/vdb"), true),
+            Path::new("/srv/meta")
+        );
+        assert_eq!(
+            recovery_dir(&MetaSpec::Internal, Path::new("/srv/img/r0.img"), false),
+            Path::new("/srv/img")
+        );
+        // Internal metadata on a block device: not /dev, which does not survive a reboot.
+        assert_eq!(
+            recovery_dir(&MetaSpec::Internal, Path::new("/dev/vdb"), true),
+            Path::new(DEFAULT_RECOVERY_DIR)
+        );
+        assert!(!disk_is_block(Path::new("/no/such/disk")));
+    }
 }

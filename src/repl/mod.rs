@@ -513,6 +513,15 @@ struct Progress {
     started: Option<Instant>,
 }
 
+impl Progress {
+    /// Counts `len` more bytes copied. A pass that copies what was marked during the first
+    /// one can go past the first estimate: the total grows with it.
+    fn copied(&mut self, len: u64) {
+        self.done += len;
+        self.total = self.total.max(self.done);
+    }
+}
+
 struct View {
     connection: Connection,
     resync: Option<Progress>,
@@ -787,8 +796,11 @@ impl Replicator {
         }
     }
 
-    /// `connect --discard-my-data`: in the split brain this link will find, this node is the
-    /// one that gives up its changes (they are saved to a recovery file first).
+    /// `connect --discard-my-data`: in the split brain the next link finds, this node is the
+    /// one that gives up its changes (they are saved to a recovery file first). The request
+    /// holds for the next sync decision only: one that finds no split brain (or cannot settle
+    /// it) clears it; one that settles it against this node keeps it until the resync is
+    /// done, so an interrupted resolution resumes the same way.
     pub fn discard_my_data(&self) {
         self.discard_my_data.store(true, Ordering::SeqCst);
     }
@@ -1208,6 +1220,15 @@ impl Replicator {
                 }
                 Msg::State(st) => {
                     *lock(&peer.state) = Some(st);
+                    {
+                        let mut v = lock(&self.view);
+                        if v.connection == Connection::SyncTarget {
+                            if let Some(p) = v.resync.as_mut() {
+                                // The source's marks include ours once merged (`resync_source`).
+                                p.total = p.total.max(st.dirty_bytes);
+                            }
+                        }
+                    }
                     self.evaluate(&peer, st).await;
                     self.changed.notify_one();
                 }
@@ -1293,6 +1314,13 @@ impl Replicator {
                 Some(false) => d = Decision::Source { full: false },
                 None => {}
             }
+        }
+        // `--discard-my-data` is for the next decision only: this one did not need it (no
+        // split brain, or one it could not settle), so it must not settle a later one.
+        if me.flags & STATE_DISCARD_MY_DATA != 0
+            && self.discard_my_data.swap(false, Ordering::SeqCst)
+        {
+            tracing::info!(peer = %peer.name, "the request to discard this node's data was not used (sync decision: {d:?}); it is cleared");
         }
         *lock(&peer.decision) = Some(d);
         tracing::info!(peer = %peer.name, "sync decision: {d:?}");
@@ -1714,7 +1742,7 @@ impl Replicator {
                     if errno == 0 {
                         me.resynced.fetch_add(len, Ordering::Relaxed);
                         if let Some(pr) = lock(&me.view).resync.as_mut() {
-                            pr.done += len;
+                            pr.copied(len);
                         }
                     }
                     Ok(Some(Msg::ResyncAck { offset, len, errno }))
@@ -1821,10 +1849,13 @@ impl Replicator {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot mark the disk inconsistent: {e}"))?;
         self.changed.notify_one();
-        let total = (*lock(&peer.state)).map_or(0, |s| s.dirty_bytes);
+        // What the source has marked, and at least what we have: the source copies both,
+        // and tells the exact total (its State) once it has merged our bitmap.
+        let theirs = (*lock(&peer.state)).map_or(0, |s| s.dirty_bytes);
+        let mine = lock(&self.meta).bitmap().dirty_bytes();
         lock(&self.view).resync = Some(Progress {
             done: 0,
-            total: if full { self.size } else { total },
+            total: if full { self.size } else { theirs.max(mine) },
             started: Some(Instant::now()),
         });
         if full && !self.health.diskless() {
@@ -1899,7 +1930,7 @@ impl Replicator {
         lock(&self.meta).clear_clean_lazy(offset, len);
         self.resynced.fetch_add(len, Ordering::Relaxed);
         if let Some(p) = lock(&self.view).resync.as_mut() {
-            p.done += len;
+            p.copied(len);
         }
         Ok(())
     }
@@ -2172,6 +2203,9 @@ impl Replicator {
         });
         self.changed.notify_one();
         tracing::info!(peer = %peer.name, total, full, "resync started");
+        // The target knows only its own marks and our count from before the merge; our state
+        // now carries the total it is about to receive.
+        peer.send_meta(&Msg::State(self.local_state())).await?;
         let mut pace = Pace {
             started: Instant::now(),
             sent: 0,

@@ -70,6 +70,8 @@ impl RecoveryWriter {
             path: path.clone(),
             source,
         };
+        // The directory may not exist yet (the default one, on a node with internal metadata).
+        std::fs::create_dir_all(dir).map_err(io)?;
         let mut file = OpenOptions::new()
             .create_new(true)
             .write(true)
