@@ -364,9 +364,16 @@ impl FrameReader {
                             }
                             let fixed = self.buf[..pre].to_vec();
                             self.buf.advance(pre);
-                            let mut data = IoBuf::with_len(len - pre);
-                            let take = data.len().min(self.buf.len());
-                            data[..take].copy_from_slice(&self.buf[..take]);
+                            let want = len - pre;
+                            let take = want.min(self.buf.len());
+                            let data = if take == want {
+                                // All here (small frames, mostly): one copy, no zeroing.
+                                IoBuf::from(&self.buf[..want])
+                            } else {
+                                let mut data = IoBuf::with_len(want);
+                                data[..take].copy_from_slice(&self.buf[..take]);
+                                data
+                            };
                             self.buf.advance(take);
                             self.state = ReadState::Data {
                                 h,
