@@ -1840,6 +1840,72 @@ fn disk_failure_secondary_goes_diskless() {
 // 8. An operator's disconnect keeps the link down, and is no failover
 // ------------------------------------------------------------------------------------------
 
+/// A primary without its disk under protocol A: the peer's disk is the only copy, so a write
+/// is answered once the peer has written it, not once it is sent; a write whose local part
+/// fails under A cannot know whether its frame arrived, and fails.
+#[test]
+fn diskless_primary_under_protocol_a_waits_for_the_peer() {
+    let _g = shared();
+    let size = 64 * MIB;
+    let (bad_a, bad_b) = ((16 * MIB, MIB), (48 * MIB, MIB));
+    let extras = |beta_faults: bool| PairExtras {
+        alpha_node: faults(bad_a),
+        beta_node: if beta_faults {
+            faults(bad_b)
+        } else {
+            String::new()
+        },
+        ..PairExtras::default()
+    };
+    let mut pair = Pair::up_with(
+        PairOpts {
+            disk_size: size,
+            protocol: Some("A"),
+            heartbeat_ms: Some(QUICK_HEARTBEAT),
+            ..PairOpts::default()
+        },
+        |_| extras(false),
+    );
+    // The initial full sync writes all of beta's disk: its faults start only now.
+    pair.beta.stop(Duration::from_secs(20));
+    pair.write_configs_with(&extras(true));
+    pair.beta.start();
+    pair.wait_in_sync("beta back with a failing range", Duration::from_secs(30));
+
+    let mut c = client(&pair.alpha);
+    let e = c
+        .write(bad_a.0 + BLOCK, &random(64 * KIB, 1))
+        .expect("write into alpha's failing range");
+    assert_eq!(
+        e, 5,
+        "a write whose local part failed under protocol A: EIO"
+    );
+    pair.alpha
+        .wait_status("alpha diskless", Duration::from_secs(10), |s| {
+            s["disk"] == "diskless"
+        });
+
+    // A write beta can take: answered with success, and on beta's disk.
+    let fine = vec![(MIB, random(128 * KIB, 2))];
+    let e = c
+        .write(fine[0].0, &fine[0].1)
+        .expect("write through diskless alpha");
+    assert_eq!(e, 0, "a write beta holds");
+    let mut model = Model::default();
+    model.apply(&fine);
+    assert_file_matches("beta's disk", &pair.beta.disk, &model, &ranges(&fine));
+
+    // A write beta's disk refuses: it exists nowhere, so it must not be answered with success.
+    let e = c
+        .write(bad_b.0 + BLOCK, &random(64 * KIB, 3))
+        .expect("write into beta's failing range");
+    assert_ne!(
+        e, 0,
+        "alpha (diskless, protocol A) answered success for a write its peer failed"
+    );
+    c.disconnect();
+}
+
 /// A pair with `auto_promote = true` and an `on_peer_lost` handler that records its runs.
 fn disconnect_pair() -> Pair {
     Pair::up_with(

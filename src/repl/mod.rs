@@ -325,8 +325,11 @@ struct PendingWrite {
     len: u64,
     /// Keeps the write's extents in the activity log until the peer confirms it.
     _hold: activity::Hold,
-    /// Fires at the acknowledgement the protocol waits for (B: received, C: written).
+    /// Fires at the acknowledgement the write waits for: Received under protocol B, else
+    /// Written; `None` under protocol A, or once fired.
     ack: Option<oneshot::Sender<u32>>,
+    /// Whether `ack` fires at Received (protocol B).
+    on_received: bool,
 }
 
 #[derive(Default)]
@@ -469,6 +472,7 @@ impl Peer {
                 len,
                 _hold: hold,
                 ack,
+                on_received: protocol == Protocol::B,
             },
         );
         Some((id, rx))
@@ -1187,11 +1191,14 @@ impl Replicator {
                 Msg::Ping { nonce } => peer.send_meta(&Msg::Pong { nonce }).await?,
                 Msg::Pong { .. } => {}
                 Msg::Received { id } => {
-                    if self.set.protocol == Protocol::B {
-                        let mut g = lock(&peer.inner);
-                        if let Some(tx) = g.writes.get_mut(&id).and_then(|w| w.ack.take()) {
-                            let _ = tx.send(0);
-                        }
+                    let mut g = lock(&peer.inner);
+                    if let Some(tx) = g
+                        .writes
+                        .get_mut(&id)
+                        .filter(|w| w.on_received)
+                        .and_then(|w| w.ack.take())
+                    {
+                        let _ = tx.send(0);
                     }
                 }
                 Msg::Written { id, errno } => {
@@ -2276,13 +2283,11 @@ impl ReplicatedDisk {
         res
     }
 
-    /// The peer's errno for a replicated operation, waiting for it even under protocols A
-    /// and B (used when there is no local copy). `None` if the link went down first.
+    /// The peer's answer to an operation registered under protocol C (which every operation
+    /// of a node without its disk is): its errno, `None` if the link went down first or the
+    /// operation waits for no Written.
     async fn peer_result(rx: Option<oneshot::Receiver<u32>>) -> Option<u32> {
-        match rx {
-            Some(rx) => rx.await.ok(),
-            None => Some(0),
-        }
+        rx?.await.ok()
     }
 
     /// Waits for the protocol's acknowledgement of a replicated operation; on any failure the
@@ -2329,6 +2334,13 @@ impl ReplicatedDisk {
         let mut ticket = r.conflicts.register(offset, len);
         ticket.wait().await;
         let diskless = self.health.diskless();
+        // Without a local copy the peer's disk is the only one: whatever the protocol, the
+        // operation is answered once the peer has written it.
+        let protocol = if diskless {
+            Protocol::C
+        } else {
+            r.set.protocol
+        };
         let mut wait = None;
         let mut payload = Some(payload);
         if let Some(p) = r.replicating_peer().await {
@@ -2337,12 +2349,12 @@ impl ReplicatedDisk {
                 .hold(offset, len)
                 .await
                 .map_err(|e| meta_err("activity log", offset, len, e))?;
-            if let Some((id, rx)) = p.start_write(offset, len, r.set.protocol, hold) {
+            if let Some((id, rx)) = p.start_write(offset, len, protocol, hold) {
                 if let Some(data) = payload.take() {
                     let m = frame(id, data);
                     // Protocol A answers once the frame is sent, so it sends at once; so do
                     // large payloads, which are not worth a copy.
-                    if r.set.protocol != Protocol::A && m.data().len() <= QUEUE_FRAME_MAX {
+                    if protocol != Protocol::A && m.data().len() <= QUEUE_FRAME_MAX {
                         let seq = p.queue_data(&m);
                         // The local write waits until the batch is on its way, so the peer
                         // applies it while this node writes, instead of after.
@@ -2399,7 +2411,9 @@ impl ReplicatedDisk {
         let res = self.local(local(payload)).await;
         drop(ticket);
         if let Err(e) = res {
-            // The disk just failed. If the peer has the write, it is not lost.
+            // The disk just failed. If the peer has the write, it is not lost: under C, once
+            // it has written it; under B, once it has received it (what B promises). Under A
+            // nothing says the frame arrived, so the write fails.
             return match wait {
                 Some(rx) if self.health.diskless() => match Self::peer_result(rx).await {
                     Some(0) => Ok(()),
