@@ -2271,13 +2271,15 @@ impl ReplicatedDisk {
         ReplicatedDisk { disk, repl, health }
     }
 
-    /// Runs a local operation; a device error detaches the disk (and is returned).
+    /// Runs a local operation; a device error detaches the disk (and is returned) when a
+    /// peer is configured, which can serve without it. A node without a peer has no other
+    /// copy: it passes the error to the client and keeps its disk, like a plain disk would.
     async fn local<T>(
         &self,
         op: impl std::future::Future<Output = Result<T, StorageError>>,
     ) -> Result<T, StorageError> {
         let res = op.await;
-        if let Err(e) = &res {
+        if let (Err(e), Some(_)) = (&res, &self.repl) {
             self.health.check(e);
         }
         res

@@ -1,4 +1,5 @@
-//! The end of a resync against a write of the primary that marks its range at that moment.
+//! The end of a resync against a write of the primary that marks its range at that moment;
+//! and, at the end, what a device error does to a node without a peer.
 //!
 //! A write that started before replication did takes the unreplicated path: it holds its
 //! extent and marks its range with `DirtyMarker::mark_held`. That mark can land on either side
@@ -138,4 +139,35 @@ async fn a_tracking_node_marks_in_memory_only() {
     assert!(s.bitmap().is_all_dirty(WRITE.0, WRITE.1));
     assert!(s.has_unflushed(), "no metadata write for a tracked mark");
     assert_eq!(s.superblock().generations.current, NEW);
+}
+
+/// A node without a peer keeps its disk after a device error: the error goes to the client,
+/// and the rest of the disk stays served (detaching would leave nothing to serve from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_peer_passes_disk_errors_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, vec![7u8; 1 << 20]).expect("disk");
+    let spec: crate::storage::FaultSpec = "ranges=65536+4096".parse().expect("fault spec");
+    let disk = crate::storage::open_disk(&path, None, crate::storage::EngineChoice::Sync)
+        .expect("open")
+        .with_faults(spec);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let health = DiskHealth::new(tx);
+    let d = ReplicatedDisk::new(Arc::new(disk), None, Arc::clone(&health));
+    assert!(
+        d.read(65536, 4096).await.is_err(),
+        "a read of the failing range"
+    );
+    assert!(d.flush().await.is_ok());
+    assert!(
+        !health.diskless(),
+        "a node without a peer detached its disk"
+    );
+    let data = d.read(0, 4096).await.expect("a read elsewhere");
+    assert_eq!(&data[..], &[7u8; 4096][..]);
+    assert!(d.write(65536, vec![1u8; 4096].into(), false).await.is_err());
+    d.write(131072, vec![1u8; 4096].into(), false)
+        .await
+        .expect("a write elsewhere");
 }
