@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::auth;
+use super::auth::{self, Role};
 use super::wire::{self, Channel, Header, Hello, Msg, WireError, HEADER_LEN, VERSION};
 use crate::storage::IoBuf;
 
@@ -43,6 +43,9 @@ pub enum LinkError {
         got: &'static str,
     },
 }
+
+/// Longest payload of a handshake frame (a Hello with the longest names is about 8 KiB).
+const HANDSHAKE_FRAME_MAX: u32 = 16 * 1024;
 
 /// Who we are and whom we expect, for the handshake.
 #[derive(Debug, Clone)]
@@ -278,6 +281,8 @@ pub struct FrameReader {
     state: ReadState,
     seq: u64,
     low_water: crate::tcp::LowWater,
+    /// Longest payload accepted: small until the peer has authenticated.
+    max_len: u32,
 }
 
 impl FrameReader {
@@ -288,6 +293,7 @@ impl FrameReader {
             state: ReadState::Header,
             seq: 0,
             low_water: Default::default(),
+            max_len: wire::MAX_PAYLOAD,
         }
     }
 
@@ -344,6 +350,9 @@ impl FrameReader {
                     hb.copy_from_slice(&self.buf[..HEADER_LEN]);
                     self.buf.advance(HEADER_LEN);
                     let h = wire::decode_header(&hb)?;
+                    if h.len > self.max_len {
+                        return Err(WireError::TooLong(h.len).into());
+                    }
                     if h.seq != self.seq {
                         return Err(WireError::BadSeq {
                             expected: self.seq,
@@ -511,6 +520,8 @@ async fn handshake(
 ) -> Result<Conn, LinkError> {
     let (r, w) = s.into_split();
     let mut reader = FrameReader::new(r);
+    // Nothing a stranger sends before it has authenticated gets a large buffer.
+    reader.max_len = HANDSHAKE_FRAME_MAX;
     let mut writer = FrameWriter::new(w);
 
     // Hellos: the dialer speaks first; the acceptor learns channel and session from it.
@@ -547,26 +558,43 @@ async fn handshake(
         writer.send(&Msg::Hello(mine.clone())).await?;
     }
 
-    // Both prove they know the secret by answering the other's challenge.
-    let mac = auth::respond(
-        &p.secret,
-        &theirs.challenge,
-        &p.me,
-        mine.channel,
-        mine.session,
-    );
-    writer.send(&Msg::Auth { mac }).await?;
+    // Both prove they know the secret, the dialer first: the acceptor gives its proof only
+    // to a dialer whose proof checked out, so it answers nobody's challenge blindly (`auth`).
+    let role = if dialing.is_some() {
+        Role::Dialer
+    } else {
+        Role::Acceptor
+    };
+    let my_proof = auth::Proof {
+        role,
+        verifier_challenge: &theirs.challenge,
+        prover_challenge: &mine.challenge,
+        prover: &p.me,
+        channel: mine.channel,
+        session: mine.session,
+    };
+    let their_proof = auth::Proof {
+        role: match role {
+            Role::Dialer => Role::Acceptor,
+            Role::Acceptor => Role::Dialer,
+        },
+        verifier_challenge: &mine.challenge,
+        prover_challenge: &theirs.challenge,
+        prover: &theirs.node,
+        channel: mine.channel,
+        session: mine.session,
+    };
+    if role == Role::Dialer {
+        writer
+            .send(&Msg::Auth {
+                mac: my_proof.give(&p.secret),
+            })
+            .await?;
+    }
     let Msg::Auth { mac: their_mac } = expect(&mut reader, "auth").await? else {
         unreachable!("expect checked the kind")
     };
-    if !auth::verify(
-        &p.secret,
-        &mine.challenge,
-        &theirs.node,
-        mine.channel,
-        mine.session,
-        &their_mac,
-    ) {
+    if !their_proof.check(&p.secret, &their_mac) {
         let _ = writer
             .send(&Msg::Refuse {
                 reason: format!("node {} could not authenticate you: check the secret", p.me),
@@ -574,8 +602,16 @@ async fn handshake(
             .await;
         return Err(LinkError::AuthFailed(theirs.node.clone()));
     }
+    if role == Role::Acceptor {
+        writer
+            .send(&Msg::Auth {
+                mac: my_proof.give(&p.secret),
+            })
+            .await?;
+    }
     writer.send(&Msg::Welcome).await?;
     expect(&mut reader, "welcome").await?;
+    reader.max_len = wire::MAX_PAYLOAD;
     Ok(Conn {
         channel: mine.channel,
         session: mine.session,
@@ -598,6 +634,144 @@ mod tests {
             offset: id * 4096,
             fua: false,
             data,
+        }
+    }
+
+    fn params(me: &str, peer: &str, listen: SocketAddr, peer_addr: SocketAddr) -> LinkParams {
+        LinkParams {
+            resource: "r0".into(),
+            secret: "s3cret".into(),
+            me: me.into(),
+            node_id: if me == "alpha" { 1 } else { 2 },
+            peer: peer.into(),
+            size: 1 << 20,
+            listen,
+            peer_addr,
+        }
+    }
+
+    /// Reads the next frame, if one comes within `wait`.
+    async fn next_frame(r: &mut FrameReader, wait: Duration) -> Option<Result<Msg, LinkError>> {
+        tokio::time::timeout(wait, r.recv()).await.ok()
+    }
+
+    /// Alpha dials, beta accepts. Someone who can reach both ports but lacks the secret
+    /// poses as alpha to beta and as beta to alpha, passing each one's challenge to the
+    /// other: neither node gives a proof to a stranger that has not proven itself, so there
+    /// is nothing to relay, and a proof made by one role never passes for the other's.
+    #[tokio::test]
+    async fn a_relayed_challenge_does_not_log_in() {
+        let lb = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let la = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (a_addr, b_addr) = (la.local_addr().expect("a"), lb.local_addr().expect("b"));
+        let alpha = params("alpha", "beta", a_addr, b_addr);
+        let beta = params("beta", "alpha", b_addr, a_addr);
+
+        // The genuine pair logs in.
+        let (dialed, accepted) = tokio::join!(dial(&alpha, Channel::Data, 9), async {
+            let (s, _) = lb.accept().await.expect("accept");
+            accept(s, &beta).await
+        });
+        assert_eq!(dialed.expect("alpha dials").peer.node, "beta");
+        assert_eq!(accepted.expect("beta accepts").peer.node, "alpha");
+
+        // The stranger, as alpha, dials beta and gets beta's challenge.
+        let (to_beta, from_lb) = tokio::join!(TcpStream::connect(b_addr), lb.accept());
+        let beta_side = tokio::spawn({
+            let beta = beta.clone();
+            async move { accept(from_lb.expect("accept").0, &beta).await }
+        });
+        let (rb, wb) = to_beta.expect("connect").into_split();
+        let (mut rb, mut wb) = (FrameReader::new(rb), FrameWriter::new(wb));
+        let mut fake_alpha = hello(&alpha, Channel::Data, 10);
+        fake_alpha.challenge = auth::challenge();
+        wb.send(&Msg::Hello(fake_alpha))
+            .await
+            .expect("hello to beta");
+        let Some(Ok(Msg::Hello(beta_hello))) = next_frame(&mut rb, HANDSHAKE_TIMEOUT).await else {
+            panic!("beta did not answer the hello")
+        };
+        // Beta waits for the dialer's proof before it proves anything itself.
+        assert!(
+            next_frame(&mut rb, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "beta sent a frame before the dialer proved itself"
+        );
+
+        // The stranger, as beta, connects to alpha's accept side with beta's challenge.
+        let (to_alpha, from_la) = tokio::join!(TcpStream::connect(a_addr), la.accept());
+        let alpha_side = tokio::spawn({
+            let alpha = alpha.clone();
+            async move { accept(from_la.expect("accept").0, &alpha).await }
+        });
+        let (ra, wa) = to_alpha.expect("connect").into_split();
+        let (mut ra, mut wa) = (FrameReader::new(ra), FrameWriter::new(wa));
+        let mut fake_beta = hello(&beta, Channel::Data, 10);
+        fake_beta.challenge = beta_hello.challenge;
+        wa.send(&Msg::Hello(fake_beta))
+            .await
+            .expect("hello to alpha");
+        let Some(Ok(Msg::Hello(_))) = next_frame(&mut ra, HANDSHAKE_TIMEOUT).await else {
+            panic!("alpha did not answer the hello")
+        };
+        // Alpha, accepting, gives no proof either: nothing to relay. A proof of alpha's as an
+        // acceptor, were it to get one, would not pass at beta, which checks a dialer's.
+        assert!(
+            next_frame(&mut ra, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "alpha sent a frame before the dialer proved itself"
+        );
+        let acceptor_proof = auth::Proof {
+            role: Role::Acceptor,
+            verifier_challenge: &beta_hello.challenge,
+            prover_challenge: &beta_hello.challenge,
+            prover: "alpha",
+            channel: Channel::Data,
+            session: 10,
+        }
+        .give("s3cret");
+        wb.send(&Msg::Auth {
+            mac: acceptor_proof,
+        })
+        .await
+        .expect("auth to beta");
+        match next_frame(&mut rb, HANDSHAKE_TIMEOUT).await {
+            Some(Ok(Msg::Refuse { .. })) | Some(Err(_)) | None => {}
+            Some(Ok(m)) => panic!("beta answered a forged proof with {}", m.name()),
+        }
+        match beta_side.await.expect("beta's handshake task") {
+            Err(LinkError::AuthFailed(n)) => assert_eq!(n, "alpha"),
+            Err(e) => panic!("beta refused for another reason: {e}"),
+            Ok(_) => panic!("beta let the stranger in"),
+        }
+        drop((wa, ra));
+        assert!(alpha_side.await.expect("alpha's handshake task").is_err());
+    }
+
+    /// Before the peer has authenticated, a frame announcing a large payload ends the
+    /// handshake at its header: no buffer is sized by a stranger's length.
+    #[tokio::test]
+    async fn a_stranger_cannot_announce_a_large_frame() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let beta = params("beta", "alpha", addr, addr);
+        let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let server = tokio::spawn(async move { accept(a.expect("accept").0, &beta).await });
+        let msg = write(1, 1 << 20);
+        let header = wire::encode(&msg, 0);
+        let (_r, mut w) = c.expect("connect").into_split();
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&header).await.expect("header");
+        let res = tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("the handshake ended at the header")
+            .expect("task");
+        match res {
+            Err(LinkError::Wire(WireError::TooLong(_))) => {}
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("accepted"),
         }
     }
 

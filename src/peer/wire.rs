@@ -18,7 +18,7 @@ use crate::storage::IoBuf;
 
 pub const MAGIC: u32 = 0x5442_4431; // "TBD1"
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a 32 MiB data message plus its fixed fields.
 pub const MAX_PAYLOAD: u32 = (32 << 20) + 64;

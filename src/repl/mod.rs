@@ -915,11 +915,22 @@ impl Replicator {
                 drop(s);
                 continue;
             }
+            if self.set.link.dials() {
+                // This node dials its peer and never needs to accept: a connection here is
+                // not the peer's, and gets no handshake.
+                tracing::debug!(%addr, "closed a connection to the dialing side of the link");
+                drop(s);
+                continue;
+            }
             let me = Arc::clone(&self);
             tokio::spawn(async move {
                 match link::accept(s, &me.set.link).await {
                     Ok(conn) => {
-                        let _ = me.incoming_tx.send(conn).await;
+                        // The link loop takes connections as they come; one it has no room
+                        // for is dropped, and the dialer tries again.
+                        if me.incoming_tx.try_send(conn).is_err() {
+                            tracing::warn!(%addr, "dropped an authenticated peer connection: too many waiting");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(%addr, error = %e, "refused a peer connection");
