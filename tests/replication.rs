@@ -1188,3 +1188,41 @@ fn writes_during_full_sync_land_on_both_disks() {
     pair.assert_disks_identical("after writes during the full sync");
     assert_disk_has("beta after the full sync", &pair.beta.disk, &writes);
 }
+
+/// With an activity log of 4 extents (16 MiB), a 32 MiB write across 9 extents and trims and
+/// zero-writes over the whole device are replicated in pieces the log can hold: each is
+/// answered, and both disks end identical.
+#[test]
+fn requests_larger_than_the_activity_log_are_served() {
+    let _g = shared();
+    let size = 64 * MIB;
+    let pair = Pair::up(PairOpts {
+        disk_size: size,
+        al_extents: Some(4),
+        ..PairOpts::default()
+    });
+    pair.wait_in_sync("after the initial sync", Duration::from_secs(30));
+    let mut c = match RawNbd::connect(pair.alpha.nbd, RESOURCE) {
+        Ok(Ok(c)) => c,
+        Ok(Err((code, msg))) => panic!("alpha refused the NBD handshake ({code:#x}): {msg}"),
+        Err(e) => panic!("NBD handshake with alpha: {e}"),
+    };
+    let data: Vec<u8> = (0..32 * MIB).map(|i| (i % 251) as u8).collect();
+    let t = Instant::now();
+    assert_eq!(c.write(4 * MIB + 4096, &data).expect("32 MiB write"), 0);
+    assert_eq!(c.trim(0, size as u32).expect("trim of the device"), 0);
+    assert_eq!(c.write(20 * MIB, &data[..MIB as usize]).expect("write"), 0);
+    assert_eq!(
+        c.write_zeroes(24 * MIB, 40 * MIB as u32)
+            .expect("zero-write"),
+        0
+    );
+    assert_eq!(c.flush().expect("flush"), 0);
+    eprintln!(
+        "large requests against a 4-extent activity log: {:?}",
+        t.elapsed()
+    );
+    c.disconnect();
+    pair.wait_in_sync("after the large requests", Duration::from_secs(30));
+    pair.assert_disks_identical("after the large requests");
+}

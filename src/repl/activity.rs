@@ -112,6 +112,13 @@ impl ActivityLog {
         })
     }
 
+    /// The longest piece, in bytes, an operation may hold at once: half the log, so a piece
+    /// always fits once other writes' extents go idle. Longer trims and zero-writes (up to
+    /// 4 GiB from one NBD request) are held a piece at a time.
+    pub fn piece_bytes(&self) -> u64 {
+        (self.capacity / 2).max(1) as u64 * ACTIVITY_EXTENT
+    }
+
     /// Extents in the log now.
     pub fn len(&self) -> usize {
         lock(&self.inner).active.len()
@@ -132,6 +139,14 @@ impl ActivityLog {
     /// log.
     pub async fn hold(self: &Arc<Self>, offset: u64, len: u64) -> Result<Hold, String> {
         let range = extents(offset, len);
+        let span = range.end() - range.start() + 1;
+        if span > self.capacity as u64 {
+            // It could never fit: waiting would hang the write (callers split long ones).
+            return Err(format!(
+                "{len} bytes at {offset} span {span} extents, more than the activity log's {}",
+                self.capacity
+            ));
+        }
         if self.try_hold(&range) {
             return Ok(self.hold_of(range));
         }

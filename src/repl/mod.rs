@@ -2266,6 +2266,27 @@ impl Replicator {
     }
 }
 
+/// `[offset, offset+len)` cut at multiples of `piece` (itself a multiple of the activity
+/// log's extent), so each part spans at most `piece / ACTIVITY_EXTENT` extents. One part for
+/// a range within one piece; none for an empty range.
+fn pieces(offset: u64, len: u64, piece: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset.saturating_add(len);
+    let piece = piece.max(1);
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let next = (at / piece)
+            .saturating_add(1)
+            .saturating_mul(piece)
+            .min(end);
+        let part = (at, next - at);
+        at = next;
+        Some(part)
+    })
+}
+
 /// The storage the export serves: the local disk, replicated to the peer when one is attached.
 pub struct ReplicatedDisk {
     disk: Arc<Disk>,
@@ -2294,6 +2315,35 @@ impl ReplicatedDisk {
             self.health.check(e);
         }
         res
+    }
+
+    /// One write the activity log can hold at once, replicated.
+    async fn write_piece(
+        &self,
+        r: &Arc<Replicator>,
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+    ) -> Result<(), StorageError> {
+        let len = data.len() as u64;
+        self.replicate(
+            r,
+            offset,
+            len,
+            data,
+            |id, data| Msg::Write {
+                id,
+                offset,
+                fua,
+                data,
+            },
+            |m| match m {
+                Msg::Write { data, .. } => data,
+                _ => unreachable!("framed as a write just above"),
+            },
+            |data| self.disk.write(offset, data, fua),
+        )
+        .await
     }
 
     /// The peer's answer to an operation registered under protocol C (which every operation
@@ -2483,24 +2533,17 @@ impl Backend for ReplicatedDisk {
             return self.disk.write(offset, data, fua).await;
         };
         let len = data.len() as u64;
-        self.replicate(
-            r,
-            offset,
-            len,
-            data,
-            |id, data| Msg::Write {
-                id,
-                offset,
-                fua,
-                data,
-            },
-            |m| match m {
-                Msg::Write { data, .. } => data,
-                _ => unreachable!("framed as a write just above"),
-            },
-            |data| self.disk.write(offset, data, fua),
-        )
-        .await
+        let piece = r.activity.piece_bytes();
+        if pieces(offset, len, piece).nth(1).is_none() {
+            return self.write_piece(r, offset, data, fua).await;
+        }
+        // Only with a very small activity log: the write is replicated in pieces.
+        for (o, l) in pieces(offset, len, piece) {
+            let start = (o - offset) as usize;
+            let part = IoBuf::from(&data[start..start + l as usize]);
+            self.write_piece(r, o, part, fua).await?;
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
@@ -2562,16 +2605,20 @@ impl Backend for ReplicatedDisk {
         let Some(r) = &self.repl else {
             return self.disk.trim(offset, len).await;
         };
-        self.replicate(
-            r,
-            offset,
-            len,
-            (),
-            |id, ()| Msg::Trim { id, offset, len },
-            drop,
-            |()| self.disk.trim(offset, len),
-        )
-        .await
+        // A trim may cover 4 GiB, more than the activity log holds: a piece at a time.
+        for (offset, len) in pieces(offset, len, r.activity.piece_bytes()) {
+            self.replicate(
+                r,
+                offset,
+                len,
+                (),
+                |id, ()| Msg::Trim { id, offset, len },
+                drop,
+                |()| self.disk.trim(offset, len),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     async fn write_zeroes(
@@ -2583,21 +2630,25 @@ impl Backend for ReplicatedDisk {
         let Some(r) = &self.repl else {
             return self.disk.write_zeroes(offset, len, may_trim).await;
         };
-        self.replicate(
-            r,
-            offset,
-            len,
-            (),
-            |id, ()| Msg::Zeroes {
-                id,
+        // Up to 4 GiB from one request, more than the activity log holds: a piece at a time.
+        for (offset, len) in pieces(offset, len, r.activity.piece_bytes()) {
+            self.replicate(
+                r,
                 offset,
                 len,
-                may_trim,
-            },
-            drop,
-            |()| self.disk.write_zeroes(offset, len, may_trim),
-        )
-        .await
+                (),
+                |id, ()| Msg::Zeroes {
+                    id,
+                    offset,
+                    len,
+                    may_trim,
+                },
+                drop,
+                |()| self.disk.write_zeroes(offset, len, may_trim),
+            )
+            .await?;
+        }
+        Ok(())
     }
 }
 

@@ -171,3 +171,24 @@ async fn a_node_without_a_peer_passes_disk_errors_through() {
         .await
         .expect("a write elsewhere");
 }
+
+#[test]
+fn pieces_cut_at_multiples_of_the_piece() {
+    let m = 1u64 << 20;
+    let all = |o, l, p| pieces(o, l, p).collect::<Vec<_>>();
+    assert_eq!(all(0, 0, 8 * m), vec![]);
+    assert_eq!(all(5, 10, 8 * m), vec![(5, 10)]);
+    assert_eq!(
+        all(4 * m + 4096, 32 * m, 8 * m),
+        vec![
+            (4 * m + 4096, 4 * m - 4096),
+            (8 * m, 8 * m),
+            (16 * m, 8 * m),
+            (24 * m, 8 * m),
+            (32 * m, 4 * m + 4096)
+        ]
+    );
+    // Near the top of the u64 range nothing overflows.
+    let top = u64::MAX - 10;
+    assert_eq!(all(top, 10, 8 * m), vec![(top, 10)]);
+}

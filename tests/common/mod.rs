@@ -810,6 +810,8 @@ pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const EOVERFLOW: u32 = 75;
@@ -990,6 +992,18 @@ impl RawNbd {
 
     pub fn flush(&mut self) -> io::Result<u32> {
         let cookie = self.send(CMD_FLUSH, 0, 0, &[])?;
+        self.expect_reply(cookie)
+    }
+
+    /// `NBD_CMD_TRIM`: `Ok(0)` or the NBD error code.
+    pub fn trim(&mut self, offset: u64, len: u32) -> io::Result<u32> {
+        let cookie = self.send(CMD_TRIM, offset, len, &[])?;
+        self.expect_reply(cookie)
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES`: `Ok(0)` or the NBD error code.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> io::Result<u32> {
+        let cookie = self.send(CMD_WRITE_ZEROES, offset, len, &[])?;
         self.expect_reply(cookie)
     }
 
