@@ -461,6 +461,8 @@ struct OutQueue {
     pos: usize,
     /// Headers appended after the last queued buffer.
     tail: Vec<u8>,
+    /// Bytes of the buffers in `bufs`, whole (`pos` not deducted).
+    queued: usize,
 }
 
 impl OutQueue {
@@ -471,6 +473,7 @@ impl OutQueue {
     fn data(&mut self, data: Chunk) {
         if data.len() > 0 {
             self.seal();
+            self.queued += data.len();
             self.bufs.push_back(data);
         }
     }
@@ -479,8 +482,14 @@ impl OutQueue {
     fn seal(&mut self) {
         if !self.tail.is_empty() {
             let v = std::mem::take(&mut self.tail);
+            self.queued += v.len();
             self.bufs.push_back(Chunk::Mem(IoBuf::from_vec(v)));
         }
+    }
+
+    /// Bytes waiting to be written.
+    fn bytes(&self) -> usize {
+        self.queued - self.pos + self.tail.len()
     }
 
     fn is_empty(&self) -> bool {
@@ -528,6 +537,7 @@ impl OutQueue {
             if n >= left {
                 n -= left;
                 self.pos = 0;
+                self.queued -= front.len();
                 self.bufs.pop_front();
             } else {
                 self.pos += n;
@@ -594,7 +604,8 @@ where
         loop {
             // Turn everything already buffered into requests before waiting on anything.
             if reading {
-                match self.parse_buffered(&mut rstate, &mut pending, &mut in_flight_bytes) {
+                let queued = self.out.bytes() + wq.bytes();
+                match self.parse_buffered(&mut rstate, &mut pending, &mut in_flight_bytes, queued) {
                     Ok(true) => {}
                     Ok(false) => reading = false, // NBD_CMD_DISC
                     Err(e) => {
@@ -607,8 +618,11 @@ where
                 break;
             }
             let can_read = reading
-                && pending.len() < MAX_IN_FLIGHT
-                && (in_flight_bytes < MAX_IN_FLIGHT_BYTES || pending.is_empty());
+                && has_room(
+                    pending.len(),
+                    in_flight_bytes,
+                    self.out.bytes() + wq.bytes(),
+                );
             if wq.is_empty() {
                 std::mem::swap(&mut self.out, &mut wq);
                 wq.seal();
@@ -736,11 +750,16 @@ where
         rstate: &mut ReadState,
         pending: &mut FuturesUnordered<Pending>,
         in_flight_bytes: &mut u64,
+        queued_replies: usize,
     ) -> Result<bool, SessionError> {
         loop {
             match rstate {
                 ReadState::Header => {
-                    if self.rbuf.len() < REQUEST_LEN {
+                    // The limits hold however many requests one read brought: the rest wait
+                    // in the buffer until requests finish.
+                    if self.rbuf.len() < REQUEST_LEN
+                        || !has_room(pending.len(), *in_flight_bytes, queued_replies)
+                    {
                         return Ok(true);
                     }
                     let mut hdr = [0u8; REQUEST_LEN];
@@ -827,6 +846,16 @@ where
             }
         }
     }
+}
+
+/// Whether a session may take another request: fewer than `MAX_IN_FLIGHT` in flight, their
+/// bytes under `MAX_IN_FLIGHT_BYTES` (one request, however large, may always run alone), and
+/// replies waiting to be written under `MAX_IN_FLIGHT_BYTES` too: a client that does not read
+/// its replies stops being read from.
+fn has_room(pending: usize, in_flight_bytes: u64, queued_replies: usize) -> bool {
+    (queued_replies as u64) < MAX_IN_FLIGHT_BYTES
+        && pending < MAX_IN_FLIGHT
+        && (in_flight_bytes < MAX_IN_FLIGHT_BYTES || pending == 0)
 }
 
 /// The rest of a write payload at least this large is read straight into its buffer.
@@ -996,5 +1025,40 @@ fn encode_done<B: Backend>(out: &mut OutQueue, done: Done, structured: bool, ctx
                 encode_simple_reply(out.small(), done.cookie, errno);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_waiting_and_requests_in_flight_both_bound_reading() {
+        let mib = 1usize << 20;
+        assert!(has_room(0, 0, 0));
+        // One request may always run alone, however large.
+        assert!(has_room(0, u64::MAX, 0));
+        assert!(!has_room(1, MAX_IN_FLIGHT_BYTES, 0));
+        assert!(!has_room(MAX_IN_FLIGHT, 0, 0));
+        assert!(has_room(MAX_IN_FLIGHT - 1, MAX_IN_FLIGHT_BYTES - 1, 0));
+        // A client that leaves its replies unread is not read from, even with nothing in
+        // flight.
+        assert!(!has_room(0, 0, MAX_IN_FLIGHT_BYTES as usize));
+        assert!(has_room(0, 0, MAX_IN_FLIGHT_BYTES as usize - mib));
+
+        let mut q = OutQueue::default();
+        q.small().extend_from_slice(&[0; 16]);
+        assert_eq!(q.bytes(), 16);
+        q.data(Chunk::Mem(IoBuf::from(&vec![1u8; mib][..])));
+        q.small().extend_from_slice(&[0; 16]);
+        assert_eq!(q.bytes(), 16 + mib + 16);
+        q.seal();
+        q.advance(10);
+        assert_eq!(q.bytes(), 6 + mib + 16);
+        q.advance(6 + mib);
+        assert_eq!(q.bytes(), 16);
+        q.advance(16);
+        assert_eq!(q.bytes(), 0);
+        assert!(q.is_empty());
     }
 }
