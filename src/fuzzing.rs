@@ -439,11 +439,9 @@ fn judge(req: &Request, lim: &Limits) {
                 0
             );
             if req.flags & CMD_FLAG_FUA != 0 {
+                // Once advertised, FUA is accepted on any command (ignored where it means
+                // nothing), as the protocol requires.
                 assert!(lim.flags & TFLAG_SEND_FUA != 0);
-                assert!(matches!(
-                    req.command,
-                    CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES
-                ));
             }
             if req.flags & CMD_FLAG_DF != 0 {
                 assert!(req.command == CMD_READ && lim.structured);

@@ -367,13 +367,18 @@ pub struct Limits {
 /// Checks a request against the export. `Err` carries the errno to reply with; for a `WRITE`
 /// the session must still consume (and discard) the payload that follows the header.
 pub fn check_request(req: &Request, lim: &Limits) -> Result<(), u32> {
-    let allowed_flags = match req.command {
+    let mut allowed_flags = match req.command {
         CMD_READ if lim.structured => CMD_FLAG_DF,
         CMD_READ | CMD_CACHE | CMD_FLUSH | CMD_DISC => 0,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         _ => return Err(EINVAL),
     };
+    // Once FUA is advertised, a client may set it on any command (some do, on flushes) and
+    // the server must accept it; where it means nothing, it is ignored.
+    if lim.flags & TFLAG_SEND_FUA != 0 {
+        allowed_flags |= CMD_FLAG_FUA;
+    }
     if req.flags & !allowed_flags != 0 {
         return Err(EINVAL);
     }
@@ -575,11 +580,21 @@ mod tests {
             check_request(&req(CMD_WRITE, 0, 0, (32 << 20) + 1), &LIM),
             Err(EINVAL)
         );
-        // Flags not valid for the command, or not negotiated.
+        // FUA, once advertised, is accepted on every command (ignored where it means
+        // nothing); not advertised, it is refused everywhere.
+        for cmd in [CMD_READ, CMD_FLUSH, CMD_CACHE, CMD_WRITE, CMD_TRIM] {
+            let len = if cmd == CMD_FLUSH { 0 } else { 1 };
+            assert_eq!(check_request(&req(cmd, CMD_FLAG_FUA, 0, len), &LIM), Ok(()));
+        }
+        let no_fua = Limits {
+            flags: LIM.flags & !TFLAG_SEND_FUA,
+            ..LIM
+        };
         assert_eq!(
-            check_request(&req(CMD_READ, CMD_FLAG_FUA, 0, 1), &LIM),
+            check_request(&req(CMD_READ, CMD_FLAG_FUA, 0, 1), &no_fua),
             Err(EINVAL)
         );
+        // Flags not valid for the command, or not negotiated.
         assert_eq!(
             check_request(&req(CMD_READ, CMD_FLAG_DF, 0, 1), &LIM),
             Err(EINVAL)
