@@ -1747,6 +1747,7 @@ impl Replicator {
             }
             Msg::ResyncData { offset, data } => {
                 writable()?;
+                self.expect_resync_target(peer, "resync data")?;
                 let len = data.len() as u64;
                 self.check_range("resync data", offset, len)?;
                 let mut t = self.conflicts.register(offset, len);
@@ -1767,15 +1768,19 @@ impl Replicator {
                 })))
             }
             Msg::BitmapChunk { first_word, words } => {
-                self.merge_bitmap(first_word, &words);
+                self.expect_resync_source(peer, "a bitmap")?;
+                self.merge_bitmap(first_word, &words)?;
                 Ok(None)
             }
             Msg::BitmapDone => {
+                self.expect_resync_source(peer, "a bitmap")?;
                 peer.bitmap_received.store(true, Ordering::SeqCst);
                 peer.bitmap_done.notify_waiters();
                 Ok(None)
             }
             Msg::ResyncDone { current } => {
+                writable()?;
+                self.expect_resync_target(peer, "the end of a resync")?;
                 let mut t = self.conflicts.barrier();
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
@@ -1849,11 +1854,50 @@ impl Replicator {
     }
 
     /// ORs the peer's bitmap words into ours (in memory; flushed before the resync starts).
-    fn merge_bitmap(&self, first_word: u64, words: &[u64]) {
+    /// Words beyond our bitmap end the link.
+    fn merge_bitmap(&self, first_word: u64, words: &[u64]) -> Result<(), String> {
         let mut m = lock(&self.meta);
         let g = u64::from(m.bitmap().granularity());
+        let ours = m.bitmap().num_bits().div_ceil(64);
+        if first_word
+            .checked_add(words.len() as u64)
+            .is_none_or(|end| end > ours)
+        {
+            return Err(format!(
+                "peer sent bitmap words {first_word}..+{} beyond this node's {ours}",
+                words.len()
+            ));
+        }
         for (bit, n) in crate::bitmap::word_runs(first_word, words) {
             m.set_dirty_lazy(bit * g, n * g);
+        }
+        Ok(())
+    }
+
+    /// A message only a sync source waiting for its target's bitmap takes. The target sends
+    /// it once it has decided, which this node may not have yet: the two connections are not
+    /// ordered against each other, so an undecided link takes it too.
+    fn expect_resync_source(&self, peer: &Peer, what: &str) -> Result<(), String> {
+        match *lock(&peer.decision) {
+            None | Some(Decision::Source { .. })
+                if !peer.bitmap_received.load(Ordering::SeqCst) =>
+            {
+                Ok(())
+            }
+            other => Err(format!(
+                "peer sent {what} while this node waits for none (sync decision {other:?})"
+            )),
+        }
+    }
+
+    /// A message only the target of a resync takes: one decided when the link came up, or a
+    /// node in sync whose source copies what was marked since (a catch-up).
+    fn expect_resync_target(&self, peer: &Peer, what: &str) -> Result<(), String> {
+        match *lock(&peer.decision) {
+            Some(Decision::Target { .. } | Decision::InSync) => Ok(()),
+            other => Err(format!(
+                "peer sent {what} to a node that is not its sync target (sync decision {other:?})"
+            )),
         }
     }
 
@@ -1938,7 +1982,21 @@ impl Replicator {
         len: u64,
         errno: u32,
     ) -> Result<(), String> {
+        // Only a chunk this node sent, as long as it sent it, is acknowledged.
         let entry = lock(&peer.inner).resync.remove(&offset);
+        match &entry {
+            Some((sent, _)) if *sent == len => {}
+            Some((sent, _)) => {
+                return Err(format!(
+                    "peer acknowledged {len} bytes of resync data at {offset}, {sent} were sent"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "peer acknowledged resync data at {offset} (+{len}) that was not sent"
+                ))
+            }
+        }
         drop(entry);
         if errno != 0 {
             return Err(format!(
@@ -2222,8 +2280,11 @@ impl Replicator {
         self.changed.notify_one();
         tracing::info!(peer = %peer.name, total, full, "resync started");
         // The target knows only its own marks and our count from before the merge; our state
-        // now carries the total it is about to receive.
-        peer.send_meta(&Msg::State(self.local_state())).await?;
+        // now carries the total it is about to receive. (A catch-up exchanges no bitmap, and
+        // its target, in sync, follows our generation on a State: it gets none.)
+        if wait_for_bitmap {
+            peer.send_meta(&Msg::State(self.local_state())).await?;
+        }
         let mut pace = Pace {
             started: Instant::now(),
             sent: 0,
