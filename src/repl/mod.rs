@@ -1540,7 +1540,11 @@ impl Replicator {
             Some(w) => w.claim(offset, len),
             None => return Ok(()),
         };
-        for (o, l) in ranges {
+        // A trim or zero-write may cover gigabytes: read and save them a MiB at a time.
+        for (o, l) in ranges
+            .into_iter()
+            .flat_map(|(o, l)| pieces(o, l, SAVE_PIECE))
+        {
             let old = self
                 .disk
                 .read(o, l as usize)
@@ -2326,6 +2330,10 @@ impl Replicator {
         Ok(())
     }
 }
+
+/// The largest record of a split-brain recovery file: what the resync overwrites is read and
+/// saved in pieces this large.
+const SAVE_PIECE: u64 = 1 << 20;
 
 /// `[offset, offset+len)` cut at multiples of `piece` (itself a multiple of the activity
 /// log's extent), so each part spans at most `piece / ACTIVITY_EXTENT` extents. One part for
