@@ -45,6 +45,24 @@ const RESYNC_WINDOW: u64 = 32 << 20;
 const RESYNC_READ_AHEAD: usize = 16;
 /// Requests the peer applies at once before it stops reading more.
 const APPLY_MAX_IN_FLIGHT: usize = 1024;
+/// Bytes of data the peer holds in requests being applied before it stops reading more.
+const APPLY_MAX_BYTES: usize = 256 << 20;
+
+/// Counts a request's data as being applied until it is dropped (done or abandoned).
+struct Applying(Arc<Replicator>, usize);
+
+impl Applying {
+    fn new(r: &Arc<Replicator>, bytes: usize) -> Applying {
+        r.applying.fetch_add(bytes, Ordering::Relaxed);
+        Applying(Arc::clone(r), bytes)
+    }
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        self.0.applying.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
 
 /// Replication settings from the resource file.
 #[derive(Debug, Clone)]
@@ -570,6 +588,8 @@ pub struct Replicator {
     view: Mutex<View>,
     replicated: AtomicU64,
     resynced: AtomicU64,
+    /// Bytes of data in requests being applied here (`APPLY_MAX_BYTES`).
+    applying: std::sync::atomic::AtomicUsize,
     changed: Arc<Notify>,
     events: mpsc::UnboundedSender<ReplEvent>,
     /// Marking of the writes a dead link left unconfirmed; the next link waits for it.
@@ -619,6 +639,7 @@ impl Replicator {
             }),
             replicated: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
+            applying: std::sync::atomic::AtomicUsize::new(0),
             changed,
             events,
             orphan_marks: Mutex::new(None),
@@ -1585,6 +1606,14 @@ impl Replicator {
         }
     }
 
+    /// Whether the data loop may take another frame: fewer than `APPLY_MAX_IN_FLIGHT` requests
+    /// and `APPLY_MAX_BYTES` of data being applied (one may always be, however large).
+    fn may_apply(&self, in_flight: usize) -> bool {
+        in_flight == 0
+            || (in_flight < APPLY_MAX_IN_FLIGHT
+                && self.applying.load(Ordering::Relaxed) < APPLY_MAX_BYTES)
+    }
+
     async fn data_loop(self: Arc<Self>, peer: Arc<Peer>, mut r: FrameReader) -> Result<(), String> {
         let mut inflight: FuturesUnordered<ApplyFuture> = FuturesUnordered::new();
         let mut acks: Vec<Msg> = Vec::new();
@@ -1592,7 +1621,7 @@ impl Replicator {
             tokio::select! {
                 biased;
                 Some(res) = inflight.next(), if !inflight.is_empty() => acks.extend(res?),
-                msg = r.recv(), if inflight.len() < APPLY_MAX_IN_FLIGHT => {
+                msg = r.recv(), if self.may_apply(inflight.len()) => {
                     let msg = match msg {
                         Ok(msg) => msg,
                         Err(link::LinkError::Closed) => {
@@ -1611,7 +1640,7 @@ impl Replicator {
             // the frames the primary sent together are answered together.
             loop {
                 let mut progress = false;
-                while inflight.len() < APPLY_MAX_IN_FLIGHT {
+                while self.may_apply(inflight.len()) {
                     let Some(msg) = r.try_recv().map_err(|e| e.to_string())? else {
                         break;
                     };
@@ -1697,7 +1726,9 @@ impl Replicator {
                 }
                 let mut t = self.conflicts.register(offset, data.len() as u64);
                 let me = Arc::clone(self);
+                let applying = Applying::new(self, data.len());
                 Ok(Some(Box::pin(async move {
+                    let _applying = applying;
                     t.wait().await;
                     me.save_before_overwrite(offset, data.len() as u64).await?;
                     let res = me.local(me.disk.write(offset, data, fua)).await;
@@ -1756,7 +1787,9 @@ impl Replicator {
                 self.check_range("resync data", offset, len)?;
                 let mut t = self.conflicts.register(offset, len);
                 let me = Arc::clone(self);
+                let applying = Applying::new(self, data.len());
                 Ok(Some(Box::pin(async move {
+                    let _applying = applying;
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
                     let res = me.local(me.disk.write_bulk(offset, data)).await;
