@@ -79,6 +79,9 @@ pub struct ServerCtx<B: Backend> {
     pub requests: AtomicU64,
     /// Read replies sent straight from the page cache.
     pub file_range_replies: AtomicU64,
+    /// How long a session whose export closed waits for its client to take the replies left,
+    /// once every request is done, before it drops the connection.
+    pub reply_drain: std::time::Duration,
 }
 
 impl<B: Backend> ServerCtx<B> {
@@ -90,6 +93,7 @@ impl<B: Backend> ServerCtx<B> {
             clients: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             file_range_replies: AtomicU64::new(0),
+            reply_drain: REPLY_DRAIN,
         }
     }
 
@@ -565,7 +569,13 @@ enum Event {
     Wrote(io::Result<usize>),
     Read(io::Result<usize>),
     StateChanged(bool),
+    /// The export closed, every request is done, and the client has not taken its replies.
+    GaveUp,
 }
+
+/// How long a session whose export closed waits for a client that does not read its replies
+/// (below the node's own wait for its clients, so a demotion sees them gone).
+const REPLY_DRAIN: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// What the reader is doing.
 enum ReadState {
@@ -601,6 +611,8 @@ where
         let mut wq = OutQueue::default();
         // Whether to poll the socket briefly when idle.
         let mut idle_poll = crate::sockpoll::IdlePoll::default();
+        // When the export closed under this session.
+        let mut closed_at: Option<tokio::time::Instant> = None;
         loop {
             // Turn everything already buffered into requests before waiting on anything.
             if reading {
@@ -675,12 +687,16 @@ where
                     usize::MAX
                 };
                 let writing = !wq.is_empty();
+                let give_up = closed_at
+                    .filter(|_| pending.is_empty())
+                    .map(|at| at + ctx.reply_drain);
                 tokio::select! {
                     biased;
                     Some(done) = pending.next(), if !pending.is_empty() => Event::Done(done),
                     n = wq.write_some(w), if writing => Event::Wrote(n),
                     n = read_some(r, rbuf, &mut rstate, limit), if can_read => Event::Read(n),
                     changed = state.changed(), if reading => Event::StateChanged(changed.is_ok()),
+                    _ = sleep_until_some(give_up) => Event::GaveUp,
                 }
             };
             match ev {
@@ -719,7 +735,16 @@ where
                     if !still_ours {
                         tracing::info!("export closed: disconnecting NBD client");
                         reading = false;
+                        closed_at = Some(tokio::time::Instant::now());
                     }
+                }
+                Event::GaveUp => {
+                    // Nothing is in flight: only replies the client does not read are lost.
+                    tracing::warn!(
+                        "export closed: the NBD client took no replies for {} s; dropping it",
+                        ctx.reply_drain.as_secs()
+                    );
+                    return Err(io::Error::from(io::ErrorKind::TimedOut).into());
                 }
             }
         }
@@ -845,6 +870,14 @@ where
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

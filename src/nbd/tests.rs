@@ -541,6 +541,39 @@ async fn closing_the_export_disconnects_clients() {
     let _ = &h.export;
 }
 
+/// A client that stops reading its replies does not keep its session forever once the
+/// export closes: with every request done, the session waits `reply_drain`, then drops it.
+#[tokio::test]
+async fn a_client_that_takes_no_replies_is_dropped_after_the_export_closes() {
+    let h = harness(true);
+    let mut ctx = ServerCtx::new("r0".into(), h.tx.subscribe());
+    ctx.reply_drain = std::time::Duration::from_millis(300);
+    let ctx = Arc::new(ctx);
+    let (mut c, server) = tokio::io::duplex(64 * 1024);
+    let task = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        async move {
+            let (r, w) = tokio::io::split(server);
+            run_session(r, w, &ctx).await
+        }
+    });
+    go(&mut c, false).await;
+    // 8 MiB of read replies into a 64 KiB pipe nobody reads.
+    for i in 0..128u64 {
+        request(&mut c, CMD_READ, 0, i, (i % 16) * 65536, 65536, &[]).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    h.tx.send(ExportState::Closed("demoted".into()))
+        .expect("send");
+    let res = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("the session ends though its client reads nothing")
+        .expect("join");
+    assert!(res.is_err(), "a session that dropped its client reports it");
+    assert_eq!(ctx.clients.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let _ = &h.export;
+}
+
 /// Large reads of cached data are spliced from the page cache on real sockets, interleaved
 /// with small replies from memory, in both reply formats, also when the client reads slowly
 /// (the socket fills and the sends are partial); every byte matches what was written.
