@@ -2678,16 +2678,30 @@ impl Backend for ReplicatedDisk {
         };
         let (tx, rx) = oneshot::channel();
         let id = p.next_id.fetch_add(1, Ordering::Relaxed);
+        // Without a local disk the peer's flush is the only one: a link lost before it was
+        // asked for is a failed flush.
+        let lost = || {
+            if diskless {
+                Err(eio(
+                    "flush",
+                    0,
+                    0,
+                    "the local disk failed and the link to the peer was lost",
+                ))
+            } else {
+                Ok(())
+            }
+        };
         {
             let mut g = lock(&p.inner);
             if g.dead {
-                return Ok(());
+                return lost();
             }
             g.flushes.insert(id, tx);
         }
         if let Err(e) = p.send_data(&Msg::Flush { id }).await {
             r.drop_link(&p, &e);
-            return Ok(());
+            return lost();
         }
         // A lost link leaves the peer to be resynced; the local flush is what was promised
         // (without a local disk, the peer's flush is).
