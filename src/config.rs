@@ -12,6 +12,8 @@
 //! [heartbeat]
 //! interval_ms = 200                  # default 200
 //! timeout_ms = 1000                  # default 1000
+//! ack_timeout_ms = 30000             # a write or flush unanswered this long drops the link
+//!                                    # (default 30000, and at least twice timeout_ms)
 //!
 //! [failover]
 //! auto_promote = false               # default false
@@ -40,11 +42,12 @@
 //!
 //! * Unknown keys are rejected everywhere; the error names the key and its
 //!   line and column.
-//! * `heartbeat.interval_ms` and `heartbeat.timeout_ms` take either an integer
-//!   number of milliseconds or a duration string made of a decimal number and
-//!   a unit: `us`, `ms`, `s`, `m` (or `min`) or `h`, e.g. `"200ms"`, `"1s"`,
-//!   `"1.5s"`, `"2m"`. Both must be greater than zero and the timeout must be
-//!   longer than the interval.
+//! * `heartbeat.interval_ms`, `heartbeat.timeout_ms` and
+//!   `heartbeat.ack_timeout_ms` take either an integer number of milliseconds
+//!   or a duration string made of a decimal number and a unit: `us`, `ms`,
+//!   `s`, `m` (or `min`) or `h`, e.g. `"200ms"`, `"1s"`, `"1.5s"`, `"2m"`. All
+//!   must be greater than zero, the timeout longer than the interval and the
+//!   ack timeout longer than the timeout.
 //! * Resource and node names are 1 to 63 bytes of `A-Z a-z 0-9 _ . -`.
 //! * There is one node (standalone) or two nodes (a replicated pair).
 //! * `replication` and a TCP `nbd` address are `host:port`: an IP address
@@ -76,6 +79,8 @@ use toml::Spanned;
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 /// Default heartbeat timeout.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Default `heartbeat.ack_timeout_ms`.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Maximum length in bytes of resource and node names.
 pub const MAX_NAME_LEN: usize = 63;
 /// Maximum number of nodes in a resource.
@@ -440,6 +445,9 @@ pub struct HeartbeatConfig {
     pub interval: Duration,
     /// Silence after which the peer is considered lost (always > `interval`).
     pub timeout: Duration,
+    /// How long a write or flush sent to the peer may go unanswered, while the peer still
+    /// answers pings, before the link is dropped (always > `timeout`).
+    pub ack_timeout: Duration,
 }
 
 impl Default for HeartbeatConfig {
@@ -447,6 +455,7 @@ impl Default for HeartbeatConfig {
         HeartbeatConfig {
             interval: DEFAULT_HEARTBEAT_INTERVAL,
             timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
         }
     }
 }
@@ -848,6 +857,7 @@ struct RawResource {
 struct RawHeartbeat {
     interval_ms: Option<Spanned<toml::Value>>,
     timeout_ms: Option<Spanned<toml::Value>>,
+    ack_timeout_ms: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -1076,7 +1086,33 @@ impl Ctx<'_> {
                 ),
             ));
         }
-        Ok(HeartbeatConfig { interval, timeout })
+        // Unset, it is 30 s, and at least twice the timeout.
+        let ack_timeout = value(
+            &raw.ack_timeout_ms,
+            "heartbeat.ack_timeout_ms",
+            DEFAULT_ACK_TIMEOUT.max(timeout * 2),
+        )?;
+        if ack_timeout <= timeout {
+            let span = raw
+                .ack_timeout_ms
+                .as_ref()
+                .or(raw.timeout_ms.as_ref())
+                .map(|v| v.span());
+            return Err(self.invalid(
+                span.as_ref(),
+                "heartbeat.ack_timeout_ms",
+                format!(
+                    "ack timeout {} must be longer than timeout {}",
+                    fmt_duration(ack_timeout),
+                    fmt_duration(timeout)
+                ),
+            ));
+        }
+        Ok(HeartbeatConfig {
+            interval,
+            timeout,
+            ack_timeout,
+        })
     }
 
     fn convert_failover(&self, raw: Option<RawFailover>) -> Result<FailoverConfig, ConfigError> {
@@ -1932,7 +1968,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unknown-key.toml:7:1: unknown field `foo` in [heartbeat], \
-             expected `interval_ms` or `timeout_ms`"
+             expected one of `interval_ms`, `timeout_ms`, `ack_timeout_ms`"
         );
         match err {
             ConfigError::Parse {
@@ -2079,6 +2115,24 @@ mod tests {
             node_toml("a", "/d", "internal", "127.0.0.1:1")
         );
         Config::parse_str(&src, "t.toml").map(|c| c.heartbeat)
+    }
+
+    #[test]
+    fn ack_timeout_defaults_parses_and_outlasts_the_timeout() {
+        let hb = heartbeat("100", "1000").expect("valid");
+        assert_eq!(hb.ack_timeout, DEFAULT_ACK_TIMEOUT);
+        let hb = heartbeat("100", "1000\nack_timeout_ms = \"5s\"").expect("valid");
+        assert_eq!(hb.ack_timeout, Duration::from_secs(5));
+        let err = heartbeat("100", "1000\nack_timeout_ms = 1000")
+            .expect_err("not longer than the timeout")
+            .to_string();
+        assert!(
+            err.contains("heartbeat.ack_timeout_ms") && err.contains("longer than timeout"),
+            "{err}"
+        );
+        // Unset, it stays above a long timeout.
+        let hb = heartbeat("100", "\"40s\"").expect("valid");
+        assert_eq!(hb.ack_timeout, Duration::from_secs(80));
     }
 
     #[test]

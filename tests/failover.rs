@@ -1906,6 +1906,66 @@ fn diskless_primary_under_protocol_a_waits_for_the_peer() {
     c.disconnect();
 }
 
+/// A secondary whose disk stops answering while the node itself answers pings: the
+/// primary's writes must not wait for it forever. After `ack_timeout_ms` the primary drops
+/// the link, marks what the peer did not confirm, and answers the write.
+#[test]
+fn a_peer_that_stops_answering_writes_is_dropped() {
+    let _g = shared();
+    let size = 64 * MIB;
+    let stuck = (32 * MIB, MIB);
+    let extras = |hang: bool| PairExtras {
+        beta_node: if hang {
+            format!(
+                "disk_faults = \"ranges={}+{},ops=write,mode=hang\"\n",
+                stuck.0, stuck.1
+            )
+        } else {
+            String::new()
+        },
+        ..PairExtras::default()
+    };
+    let mut pair = Pair::up_with(
+        PairOpts {
+            disk_size: size,
+            heartbeat_ms: Some(QUICK_HEARTBEAT),
+            ack_timeout_ms: Some(2000),
+            ..PairOpts::default()
+        },
+        |_| extras(false),
+    );
+    // The initial full sync writes all of beta's disk: the fault starts only now.
+    pair.beta.stop(Duration::from_secs(20));
+    pair.write_configs_with(&extras(true));
+    pair.beta.start();
+    pair.wait_in_sync("beta back with a stuck range", Duration::from_secs(30));
+
+    let mut c = client(&pair.alpha);
+    let t = Instant::now();
+    let e = c
+        .write(stuck.0 + BLOCK, &random(64 * KIB, 1))
+        .expect("a write beta's disk never finishes");
+    let took = t.elapsed();
+    assert_eq!(e, 0, "alpha's own disk has the write");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "the write was answered after {took:?}; the ack timeout is 2 s"
+    );
+    assert!(
+        log_shows_within(&pair.alpha, "has not answered", Duration::from_secs(5)),
+        "alpha did not say why it dropped the link"
+    );
+    let a = pair.alpha.status();
+    assert!(
+        num(&a, "out_of_sync_bytes") >= 64 * KIB,
+        "the write beta never confirmed is not marked out of sync: {a:#}"
+    );
+    // Writes elsewhere go on.
+    assert_eq!(c.write(MIB, &random(64 * KIB, 2)).expect("write"), 0);
+    c.disconnect();
+    eprintln!("a write to a peer whose disk hangs was answered after {took:?}");
+}
+
 /// A pair with `auto_promote = true` and an `on_peer_lost` handler that records its runs.
 fn disconnect_pair() -> Pair {
     Pair::up_with(

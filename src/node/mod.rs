@@ -226,6 +226,7 @@ impl Node {
                     protocol: cfg.resource.protocol,
                     interval: cfg.heartbeat.interval,
                     timeout: cfg.heartbeat.timeout,
+                    ack_timeout: cfg.heartbeat.ack_timeout,
                     rate_bytes_per_s: cfg.sync.rate_bytes_per_s(),
                     al_extents: cfg.sync.al_extents,
                     auto_promote: cfg.failover.auto_promote,

@@ -70,6 +70,8 @@ pub struct ReplSettings {
     pub protocol: Protocol,
     pub interval: Duration,
     pub timeout: Duration,
+    /// A write or flush the peer leaves unanswered this long drops the link.
+    pub ack_timeout: Duration,
     pub rate_bytes_per_s: Option<u64>,
     /// Activity log size in extents.
     pub al_extents: usize,
@@ -348,13 +350,15 @@ struct PendingWrite {
     ack: Option<oneshot::Sender<u32>>,
     /// Whether `ack` fires at Received (protocol B).
     on_received: bool,
+    /// When the write was registered, for `ack_timeout`.
+    since: Instant,
 }
 
 #[derive(Default)]
 struct PeerInner {
     dead: bool,
     writes: HashMap<u64, PendingWrite>,
-    flushes: HashMap<u64, oneshot::Sender<u32>>,
+    flushes: HashMap<u64, (Instant, oneshot::Sender<u32>)>,
     resync: HashMap<u64, (u64, OwnedSemaphorePermit)>,
     verifies: HashMap<u64, oneshot::Sender<Vec<u32>>>,
     reads: HashMap<u64, oneshot::Sender<(u32, IoBuf)>>,
@@ -404,6 +408,14 @@ impl Peer {
 
     fn is_dead(&self) -> bool {
         lock(&self.inner).dead
+    }
+
+    /// How long the oldest write or flush still waiting for the peer's answer has waited.
+    fn oldest_unanswered(&self) -> Option<Duration> {
+        let g = lock(&self.inner);
+        let writes = g.writes.values().map(|w| w.since);
+        let flushes = g.flushes.values().map(|f| f.0);
+        writes.chain(flushes).min().map(|t| t.elapsed())
     }
 
     async fn send_data(&self, msg: &Msg) -> Result<(), String> {
@@ -491,6 +503,7 @@ impl Peer {
                 _hold: hold,
                 ack,
                 on_received: protocol == Protocol::B,
+                since: Instant::now(),
             },
         );
         Some((id, rx))
@@ -1199,6 +1212,18 @@ impl Replicator {
                     self.set.timeout.as_millis()
                 ));
             }
+            if let Some(age) = peer
+                .oldest_unanswered()
+                .filter(|a| *a > self.set.ack_timeout)
+            {
+                // The peer answers pings but not its writes: its disk (or its data side) is
+                // stuck. Dropping the link marks what it did not confirm and frees the writers.
+                return Err(format!(
+                    "the peer has not answered a write or flush for {} ms (ack timeout {} ms): dropping the link",
+                    age.as_millis(),
+                    self.set.ack_timeout.as_millis()
+                ));
+            }
             let deadline = self.set.timeout - silent + Duration::from_millis(1);
             tokio::select! {
                 _ = tick.tick() => {
@@ -1250,7 +1275,7 @@ impl Replicator {
                     }
                 }
                 Msg::Flushed { id, errno } => {
-                    if let Some(tx) = lock(&peer.inner).flushes.remove(&id) {
+                    if let Some((_, tx)) = lock(&peer.inner).flushes.remove(&id) {
                         let _ = tx.send(errno);
                     }
                 }
@@ -2697,7 +2722,7 @@ impl Backend for ReplicatedDisk {
             if g.dead {
                 return lost();
             }
-            g.flushes.insert(id, tx);
+            g.flushes.insert(id, (Instant::now(), tx));
         }
         if let Err(e) = p.send_data(&Msg::Flush { id }).await {
             r.drop_link(&p, &e);

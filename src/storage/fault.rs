@@ -5,10 +5,11 @@
 //!
 //! * `after=N`: the first N operations succeed, every later one fails;
 //! * `ranges=A+L;B+M`: operations touching `[A, A+L)` or `[B, B+M)` fail (byte offsets);
-//! * `ops=read|write|all`: which operations may fail (default `all`; flush counts as a write).
+//! * `ops=read|write|all`: which operations may fail (default `all`; flush counts as a write);
+//! * `mode=error|hang`: a failing operation returns `EIO`, as a dying disk reports it
+//!   (default), or never completes, as a stuck device.
 //!
-//! With both `after` and `ranges`, an operation fails when either says so. Failures are
-//! `EIO`, as a dying disk reports them.
+//! With both `after` and `ranges`, an operation fails when either says so.
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,6 +22,8 @@ pub struct FaultSpec {
     pub ranges: Vec<(u64, u64)>,
     pub reads: bool,
     pub writes: bool,
+    /// Failing operations never complete instead of returning `EIO`.
+    pub hang: bool,
 }
 
 impl fmt::Display for FaultSpec {
@@ -45,6 +48,9 @@ impl fmt::Display for FaultSpec {
             }
             .to_string(),
         );
+        if self.hang {
+            parts.push("mode=hang".to_string());
+        }
         f.write_str(&parts.join(","))
     }
 }
@@ -58,6 +64,7 @@ impl FromStr for FaultSpec {
             ranges: Vec::new(),
             reads: true,
             writes: true,
+            hang: false,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part
@@ -95,7 +102,18 @@ impl FromStr for FaultSpec {
                         o => return Err(format!("ops={o}: expected read, write or all")),
                     }
                 }
-                other => return Err(format!("unknown setting {other:?} (after, ranges, ops)")),
+                "mode" => {
+                    spec.hang = match v.trim() {
+                        "error" => false,
+                        "hang" => true,
+                        m => return Err(format!("mode={m}: expected error or hang")),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown setting {other:?} (after, ranges, ops, mode)"
+                    ))
+                }
             }
         }
         if spec.after_ops.is_none() && spec.ranges.is_empty() {
@@ -118,6 +136,11 @@ impl Faults {
             spec,
             ops: AtomicU64::new(0),
         }
+    }
+
+    /// Whether failing operations hang rather than return an error.
+    pub fn hangs(&self) -> bool {
+        self.spec.hang
     }
 
     /// Whether this operation fails.

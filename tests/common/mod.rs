@@ -1856,6 +1856,8 @@ pub struct PairOpts {
     pub protocol: Option<&'static str>,
     /// `heartbeat.interval_ms` and `timeout_ms`; the defaults when `None`.
     pub heartbeat_ms: Option<(u64, u64)>,
+    /// `heartbeat.ack_timeout_ms`; the default when `None`.
+    pub ack_timeout_ms: Option<u64>,
     /// `sync.rate_mb_s` (MiB/s); unlimited when `None`.
     pub rate_mb_s: Option<u64>,
     /// `sync.al_extents`; the default when `None`.
@@ -1874,6 +1876,7 @@ impl Default for PairOpts {
             beta_disk_size: None,
             protocol: None,
             heartbeat_ms: None,
+            ack_timeout_ms: None,
             rate_mb_s: None,
             al_extents: None,
             beta_secret: None,
@@ -2184,10 +2187,16 @@ impl Pair {
         if let Some(p) = self.opts.protocol {
             s.push_str(&format!("protocol = \"{p}\"\n"));
         }
+        if self.opts.heartbeat_ms.is_some() || self.opts.ack_timeout_ms.is_some() {
+            s.push_str("\n[heartbeat]\n");
+        }
         if let Some((interval, timeout)) = self.opts.heartbeat_ms {
             s.push_str(&format!(
-                "\n[heartbeat]\ninterval_ms = {interval}\ntimeout_ms = {timeout}\n"
+                "interval_ms = {interval}\ntimeout_ms = {timeout}\n"
             ));
+        }
+        if let Some(ack) = self.opts.ack_timeout_ms {
+            s.push_str(&format!("ack_timeout_ms = {ack}\n"));
         }
         if self.opts.rate_mb_s.is_some() || self.opts.al_extents.is_some() {
             s.push_str("\n[sync]\n");
