@@ -79,8 +79,8 @@ pub struct ServerCtx<B: Backend> {
     pub requests: AtomicU64,
     /// Read replies sent straight from the page cache.
     pub file_range_replies: AtomicU64,
-    /// How long a session whose export closed waits for its client to take the replies left,
-    /// once every request is done, before it drops the connection.
+    /// How long a session whose export closed, with every request done, waits for its client
+    /// to take more of its replies before it drops the connection.
     pub reply_drain: std::time::Duration,
 }
 
@@ -573,7 +573,7 @@ enum Event {
     GaveUp,
 }
 
-/// How long a session whose export closed waits for a client that does not read its replies
+/// How long a session whose export closed waits for a client that takes none of its replies
 /// (below the node's own wait for its clients, so a demotion sees them gone).
 const REPLY_DRAIN: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -611,7 +611,8 @@ where
         let mut wq = OutQueue::default();
         // Whether to poll the socket briefly when idle.
         let mut idle_poll = crate::sockpoll::IdlePoll::default();
-        // When the export closed under this session.
+        // Once the export closed under this session: when it last saw progress (the close, a
+        // request finishing, replies taken by the client).
         let mut closed_at: Option<tokio::time::Instant> = None;
         loop {
             // Turn everything already buffered into requests before waiting on anything.
@@ -711,8 +712,16 @@ where
                         in_flight_bytes -= u64::from(done.len).min(in_flight_bytes);
                         encode_done(&mut self.out, done, structured, ctx);
                     }
+                    if closed_at.is_some() {
+                        closed_at = Some(tokio::time::Instant::now());
+                    }
                 }
-                Event::Wrote(Ok(n)) if n > 0 => wq.advance(n),
+                Event::Wrote(Ok(n)) if n > 0 => {
+                    wq.advance(n);
+                    if closed_at.is_some() {
+                        closed_at = Some(tokio::time::Instant::now());
+                    }
+                }
                 Event::Wrote(n) => {
                     // The client is gone: finish what is in flight, then stop.
                     result = match n {

@@ -685,6 +685,7 @@ mod tests {
         let (mut rb, mut wb) = (FrameReader::new(rb), FrameWriter::new(wb));
         let mut fake_alpha = hello(&alpha, Channel::Data, 10);
         fake_alpha.challenge = auth::challenge();
+        let stranger_challenge = fake_alpha.challenge;
         wb.send(&Msg::Hello(fake_alpha))
             .await
             .expect("hello to beta");
@@ -723,10 +724,11 @@ mod tests {
                 .is_none(),
             "alpha sent a frame before the dialer proved itself"
         );
+        // Made with the secret, it differs from what beta checks in the role alone.
         let acceptor_proof = auth::Proof {
             role: Role::Acceptor,
             verifier_challenge: &beta_hello.challenge,
-            prover_challenge: &beta_hello.challenge,
+            prover_challenge: &stranger_challenge,
             prover: "alpha",
             channel: Channel::Data,
             session: 10,

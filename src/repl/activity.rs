@@ -119,6 +119,12 @@ impl ActivityLog {
         (self.capacity / 2).max(1) as u64 * ACTIVITY_EXTENT
     }
 
+    /// Whether `[offset, offset+len)` spans no more than a piece (`piece_bytes`) of extents.
+    pub fn fits_at_once(&self, offset: u64, len: u64) -> bool {
+        let range = extents(offset, len);
+        range.end() - range.start() < (self.capacity / 2).max(1) as u64
+    }
+
     /// Extents in the log now.
     pub fn len(&self) -> usize {
         lock(&self.inner).active.len()

@@ -45,7 +45,8 @@ const RESYNC_WINDOW: u64 = 32 << 20;
 const RESYNC_READ_AHEAD: usize = 16;
 /// Requests the peer applies at once before it stops reading more.
 const APPLY_MAX_IN_FLIGHT: usize = 1024;
-/// Bytes of data the peer holds in requests being applied before it stops reading more.
+/// Bytes of data the peer holds in requests being applied (written, read or verified)
+/// before it stops reading more.
 const APPLY_MAX_BYTES: usize = 256 << 20;
 
 /// Counts a request's data as being applied until it is dropped (done or abandoned).
@@ -359,9 +360,10 @@ struct PeerInner {
     dead: bool,
     writes: HashMap<u64, PendingWrite>,
     flushes: HashMap<u64, (Instant, oneshot::Sender<u32>)>,
-    resync: HashMap<u64, (u64, OwnedSemaphorePermit)>,
-    verifies: HashMap<u64, oneshot::Sender<Vec<u32>>>,
-    reads: HashMap<u64, oneshot::Sender<(u32, IoBuf)>>,
+    /// Resync chunks sent and not yet acknowledged: offset → (length, when, window permit).
+    resync: HashMap<u64, (u64, Instant, OwnedSemaphorePermit)>,
+    verifies: HashMap<u64, (Instant, oneshot::Sender<Vec<u32>>)>,
+    reads: HashMap<u64, (Instant, oneshot::Sender<(u32, IoBuf)>)>,
 }
 
 /// One established link.
@@ -410,12 +412,22 @@ impl Peer {
         lock(&self.inner).dead
     }
 
-    /// How long the oldest write or flush still waiting for the peer's answer has waited.
+    /// How long the oldest request still waiting for the peer's answer (a write, trim or
+    /// zero-write, flush, read, verify or resync chunk) has waited.
     fn oldest_unanswered(&self) -> Option<Duration> {
         let g = lock(&self.inner);
         let writes = g.writes.values().map(|w| w.since);
         let flushes = g.flushes.values().map(|f| f.0);
-        writes.chain(flushes).min().map(|t| t.elapsed())
+        let reads = g.reads.values().map(|r| r.0);
+        let verifies = g.verifies.values().map(|v| v.0);
+        let resync = g.resync.values().map(|r| r.1);
+        writes
+            .chain(flushes)
+            .chain(reads)
+            .chain(verifies)
+            .chain(resync)
+            .min()
+            .map(|t| t.elapsed())
     }
 
     async fn send_data(&self, msg: &Msg) -> Result<(), String> {
@@ -1216,13 +1228,16 @@ impl Replicator {
                 .oldest_unanswered()
                 .filter(|a| *a > self.set.ack_timeout)
             {
-                // The peer answers pings but not its writes: its disk (or its data side) is
-                // stuck. Dropping the link marks what it did not confirm and frees the writers.
-                return Err(format!(
-                    "the peer has not answered a write or flush for {} ms (ack timeout {} ms): dropping the link",
+                // The peer answers pings but not its requests: its disk (or its data side) is
+                // stuck. Dropping the link marks what it did not confirm and frees the
+                // writers; the goodbye tells a standby its primary lives (no failover).
+                let why = format!(
+                    "the peer has not answered a request for {} ms (ack timeout {} ms): dropping the link",
                     age.as_millis(),
                     self.set.ack_timeout.as_millis()
-                ));
+                );
+                peer.say_bye(&why).await;
+                return Err(why);
             }
             let deadline = self.set.timeout - silent + Duration::from_millis(1);
             tokio::select! {
@@ -1297,7 +1312,7 @@ impl Replicator {
                     self.changed.notify_one();
                 }
                 Msg::VerifyReply { id, crcs } => {
-                    if let Some(tx) = lock(&peer.inner).verifies.remove(&id) {
+                    if let Some((_, tx)) = lock(&peer.inner).verifies.remove(&id) {
                         let _ = tx.send(crcs);
                     }
                 }
@@ -1502,7 +1517,7 @@ impl Replicator {
             if g.dead {
                 return Err(fail("the local disk failed and the peer link is down"));
             }
-            g.reads.insert(id, tx);
+            g.reads.insert(id, (Instant::now(), tx));
         }
         p.send_data(&Msg::ReadRequest {
             id,
@@ -1859,7 +1874,9 @@ impl Replicator {
                 }
                 let mut t = self.conflicts.register(offset, u64::from(len));
                 let (me, p) = (Arc::clone(self), Arc::clone(peer));
+                let applying = Applying::new(self, len as usize);
                 Ok(Some(Box::pin(async move {
+                    let _applying = applying;
                     t.wait().await;
                     let res = if me.health.diskless() {
                         Err(eio("read", offset, u64::from(len), "disk detached"))
@@ -1882,7 +1899,7 @@ impl Replicator {
                 })))
             }
             Msg::ReadReply { id, errno, data } => {
-                if let Some(tx) = lock(&peer.inner).reads.remove(&id) {
+                if let Some((_, tx)) = lock(&peer.inner).reads.remove(&id) {
                     let _ = tx.send((errno, data));
                 }
                 Ok(None)
@@ -1894,7 +1911,9 @@ impl Replicator {
                 }
                 let mut t = self.conflicts.register(offset, u64::from(len));
                 let me = Arc::clone(self);
+                let applying = Applying::new(self, len as usize);
                 Ok(Some(Box::pin(async move {
+                    let _applying = applying;
                     t.wait().await;
                     let data = me.disk.read(offset, len as usize).await;
                     drop(t);
@@ -1938,10 +1957,11 @@ impl Replicator {
 
     /// A message only a sync source waiting for its target's bitmap takes. The target sends
     /// it once it has decided, which this node may not have yet: the two connections are not
-    /// ordered against each other, so an undecided link takes it too.
+    /// ordered against each other, so an undecided link takes it too, as does one of two
+    /// nodes without data, which decides again once one is promoted (`role_changed`).
     fn expect_resync_source(&self, peer: &Peer, what: &str) -> Result<(), String> {
         match *lock(&peer.decision) {
-            None | Some(Decision::Source { .. })
+            None | Some(Decision::NoData | Decision::Source { .. })
                 if !peer.bitmap_received.load(Ordering::SeqCst) =>
             {
                 Ok(())
@@ -2047,8 +2067,8 @@ impl Replicator {
         // Only a chunk this node sent, as long as it sent it, is acknowledged.
         let entry = lock(&peer.inner).resync.remove(&offset);
         match &entry {
-            Some((sent, _)) if *sent == len => {}
-            Some((sent, _)) => {
+            Some((sent, _, _)) if *sent == len => {}
+            Some((sent, _, _)) => {
                 return Err(format!(
                     "peer acknowledged {len} bytes of resync data at {offset}, {sent} were sent"
                 ))
@@ -2122,7 +2142,7 @@ impl Replicator {
                             if gi.dead {
                                 return Err("link lost during verify".to_string());
                             }
-                            gi.verifies.insert(id, tx);
+                            gi.verifies.insert(id, (Instant::now(), tx));
                         }
                         p.send_data(&Msg::VerifyRequest {
                             id,
@@ -2262,7 +2282,9 @@ impl Replicator {
                 break;
             };
             let (off, len, permit, t, data) = read?;
-            lock(&peer.inner).resync.insert(off, (len, permit));
+            lock(&peer.inner)
+                .resync
+                .insert(off, (len, Instant::now(), permit));
             peer.send_data(&Msg::ResyncData { offset: off, data })
                 .await?;
             drop(t);
@@ -2389,13 +2411,17 @@ impl Replicator {
     }
 }
 
+/// The largest piece of a replicated trim or zero-write (a multiple of the activity log's
+/// extent): a disk that writes zeroes at 10 MB/s still finishes one in a few seconds.
+const RANGE_PIECE: u64 = 64 << 20;
+
 /// The largest record of a split-brain recovery file: what the resync overwrites is read and
 /// saved in pieces this large.
 const SAVE_PIECE: u64 = 1 << 20;
 
-/// `[offset, offset+len)` cut at multiples of `piece` (itself a multiple of the activity
-/// log's extent), so each part spans at most `piece / ACTIVITY_EXTENT` extents. One part for
-/// a range within one piece; none for an empty range.
+/// `[offset, offset+len)` cut at multiples of `piece`: with a multiple of the activity log's
+/// extent, each part spans at most `piece / ACTIVITY_EXTENT` extents. One part for a range
+/// within one piece; none for an empty range.
 fn pieces(offset: u64, len: u64, piece: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = offset.saturating_add(len);
     let piece = piece.max(1);
@@ -2660,12 +2686,11 @@ impl Backend for ReplicatedDisk {
             return self.disk.write(offset, data, fua).await;
         };
         let len = data.len() as u64;
-        let piece = r.activity.piece_bytes();
-        if pieces(offset, len, piece).nth(1).is_none() {
+        if r.activity.fits_at_once(offset, len) {
             return self.write_piece(r, offset, data, fua).await;
         }
-        // Only with a very small activity log: the write is replicated in pieces.
-        for (o, l) in pieces(offset, len, piece) {
+        // Only with an activity log under 18 extents: the write is replicated in pieces.
+        for (o, l) in pieces(offset, len, r.activity.piece_bytes()) {
             let start = (o - offset) as usize;
             let part = IoBuf::from(&data[start..start + l as usize]);
             self.write_piece(r, o, part, fua).await?;
@@ -2746,8 +2771,9 @@ impl Backend for ReplicatedDisk {
         let Some(r) = &self.repl else {
             return self.disk.trim(offset, len).await;
         };
-        // A trim may cover 4 GiB, more than the activity log holds: a piece at a time.
-        for (offset, len) in pieces(offset, len, r.activity.piece_bytes()) {
+        // A trim may cover 4 GiB, more than the activity log holds: a piece at a time, small
+        // enough for a slow disk to finish well within the ack timeout.
+        for (offset, len) in pieces(offset, len, r.activity.piece_bytes().min(RANGE_PIECE)) {
             self.replicate(
                 r,
                 offset,
@@ -2771,8 +2797,9 @@ impl Backend for ReplicatedDisk {
         let Some(r) = &self.repl else {
             return self.disk.write_zeroes(offset, len, may_trim).await;
         };
-        // Up to 4 GiB from one request, more than the activity log holds: a piece at a time.
-        for (offset, len) in pieces(offset, len, r.activity.piece_bytes()) {
+        // Up to 4 GiB from one request, more than the activity log holds: a piece at a time,
+        // small enough for a slow disk to finish well within the ack timeout.
+        for (offset, len) in pieces(offset, len, r.activity.piece_bytes().min(RANGE_PIECE)) {
             self.replicate(
                 r,
                 offset,

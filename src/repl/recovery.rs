@@ -19,6 +19,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::bitmap::Bitmap;
@@ -71,8 +72,14 @@ impl RecoveryWriter {
             source,
         };
         // The directory may not exist yet (the default one, on a node with internal metadata).
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // The file holds a copy of disk data: readable by its owner only, like the disk.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
         let mut file = OpenOptions::new()
+            .mode(0o600)
             .create_new(true)
             .write(true)
             .read(true)

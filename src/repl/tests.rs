@@ -170,6 +170,23 @@ async fn a_node_without_a_peer_passes_disk_errors_through() {
     d.write(131072, vec![1u8; 4096].into(), false)
         .await
         .expect("a write elsewhere");
+
+    // A disk failing everything, flushes included: errors, and the disk is kept.
+    let all: crate::storage::FaultSpec = "after=0".parse().expect("fault spec");
+    let path = dir.path().join("failing.img");
+    std::fs::write(&path, vec![7u8; 1 << 20]).expect("disk");
+    let disk = crate::storage::open_disk(&path, None, crate::storage::EngineChoice::Sync)
+        .expect("open")
+        .with_faults(all);
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let health = DiskHealth::new(tx);
+    let d = ReplicatedDisk::new(Arc::new(disk), None, Arc::clone(&health));
+    assert!(d.flush().await.is_err());
+    assert!(d.read(0, 4096).await.is_err());
+    assert!(
+        !health.diskless(),
+        "a node without a peer detached its disk"
+    );
 }
 
 #[test]
