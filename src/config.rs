@@ -365,8 +365,22 @@ impl fmt::Display for NbdAddr {
     }
 }
 
+thread_local! {
+    /// Whether host names in addresses are looked up (while [`Config::read`] parses a file).
+    static RESOLVE_NAMES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with host names in addresses looked up.
+fn resolving_names<T>(f: impl FnOnce() -> T) -> T {
+    let before = RESOLVE_NAMES.replace(true);
+    let out = f();
+    RESOLVE_NAMES.set(before);
+    out
+}
+
 /// Reads `host:port`: an IP socket address (`10.0.0.1:7789`, `[fd00::1]:7789`), or a host
-/// name and a port, resolved now; the first address the system's resolver returns is used
+/// name and a port, resolved now when a file is being read (elsewhere, in pure parsing, a
+/// name is refused: no lookups); the first address the system's resolver returns is used
 /// (`/etc/gai.conf` orders them). `example` is a literal shown in the error.
 pub fn socket_addr(s: &str, example: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
@@ -386,6 +400,11 @@ pub fn socket_addr(s: &str, example: &str) -> Result<SocketAddr, String> {
     };
     if !valid_host {
         return Err(format!("invalid address {s:?}; {expected}"));
+    }
+    if !RESOLVE_NAMES.get() {
+        return Err(format!(
+            "host name {host:?} is looked up only when the resource file is read"
+        ));
     }
     match (host, port).to_socket_addrs() {
         Ok(mut addrs) => addrs
@@ -580,14 +599,16 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Config::parse_str(&src, &path.display().to_string())?;
+        let origin = path.display().to_string();
+        let mut config = resolving_names(|| Config::parse_str(&src, &origin))?;
         config.path = Some(path.to_path_buf());
         Ok(config)
     }
 
     /// Parses and validates configuration text. `origin` names the source in
     /// error messages (usually the file name). No file system checks are
-    /// made and [`Config::path`] is `None`.
+    /// made, host names in addresses are refused rather than looked up (only
+    /// [`Config::read`] resolves them), and [`Config::path`] is `None`.
     pub fn parse_str(src: &str, origin: &str) -> Result<Config, ConfigError> {
         let cx = Ctx { origin, src };
         let raw: RawConfig = toml::from_str(src).map_err(|e| cx.parse_error(&e))?;
@@ -2219,14 +2240,14 @@ mod tests {
             NbdAddr::Tcp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10809))
         );
 
-        // A host name is resolved when the file is read.
-        let named: NbdAddr = "localhost:10809".parse().expect("a host name");
+        // A host name is resolved when the file is read, refused by pure parsing.
+        assert!("localhost:10809".parse::<NbdAddr>().is_err());
+        let named: NbdAddr = resolving_names(|| "localhost:10809".parse()).expect("a host name");
         assert!(
             matches!(named, NbdAddr::Tcp(a) if a.ip().is_loopback() && a.port() == 10809),
             "localhost:10809 resolved to {named}"
         );
-        let unknown = "no-such-host.invalid:10809"
-            .parse::<NbdAddr>()
+        let unknown = resolving_names(|| "no-such-host.invalid:10809".parse::<NbdAddr>())
             .expect_err("a name that does not resolve");
         assert!(unknown.0.contains("no-such-host.invalid"), "{}", unknown.0);
 
