@@ -1651,6 +1651,22 @@ fn handlers_get_their_environment() {
 // 7. A failing disk: the node goes diskless and the data stays served
 // ------------------------------------------------------------------------------------------
 
+/// A pair in sync whose beta takes its `disk_faults` only after the initial full sync (which
+/// writes all of beta's disk): `extras(pair, false)` while syncing, `extras(pair, true)` once
+/// beta restarts with them.
+fn pair_with_late_beta_faults(
+    opts: PairOpts,
+    extras: impl Fn(&Pair, bool) -> PairExtras,
+    what: &str,
+) -> Pair {
+    let mut pair = Pair::up_with(opts, |p| extras(p, false));
+    pair.beta.stop(Duration::from_secs(20));
+    pair.write_configs_with(&extras(&pair, true));
+    pair.beta.start();
+    pair.wait_in_sync(what, Duration::from_secs(30));
+    pair
+}
+
 fn faults(range: (u64, u64)) -> String {
     format!(
         "disk_faults = \"ranges={}+{},ops=write\"\n",
@@ -1773,19 +1789,15 @@ fn disk_failure_secondary_goes_diskless() {
         },
         ..PairExtras::default()
     };
-    let mut pair = Pair::up_with(
+    let pair = pair_with_late_beta_faults(
         PairOpts {
             disk_size: size,
             heartbeat_ms: Some(QUICK_HEARTBEAT),
             ..PairOpts::default()
         },
-        |p| extras(p, false),
+        extras,
+        "beta back with a failing disk",
     );
-    // The initial full sync writes all of beta's disk: its faults start only now.
-    pair.beta.stop(Duration::from_secs(20));
-    pair.write_configs_with(&extras(&pair, true));
-    pair.beta.start();
-    pair.wait_in_sync("beta back with a failing disk", Duration::from_secs(30));
     let fine = vec![(MIB, random(64 * KIB, 1))];
     write_blocks(&pair.alpha, &fine);
     assert_eq!(pair.beta.status()["disk"], "up_to_date");
@@ -1857,20 +1869,16 @@ fn diskless_primary_under_protocol_a_waits_for_the_peer() {
         },
         ..PairExtras::default()
     };
-    let mut pair = Pair::up_with(
+    let pair = pair_with_late_beta_faults(
         PairOpts {
             disk_size: size,
             protocol: Some("A"),
             heartbeat_ms: Some(QUICK_HEARTBEAT),
             ..PairOpts::default()
         },
-        |_| extras(false),
+        |_, faulty| extras(faulty),
+        "beta back with a failing range",
     );
-    // The initial full sync writes all of beta's disk: its faults start only now.
-    pair.beta.stop(Duration::from_secs(20));
-    pair.write_configs_with(&extras(true));
-    pair.beta.start();
-    pair.wait_in_sync("beta back with a failing range", Duration::from_secs(30));
 
     let mut c = client(&pair.alpha);
     let e = c
@@ -1925,20 +1933,16 @@ fn a_peer_that_stops_answering_writes_is_dropped() {
         },
         ..PairExtras::default()
     };
-    let mut pair = Pair::up_with(
+    let pair = pair_with_late_beta_faults(
         PairOpts {
             disk_size: size,
             heartbeat_ms: Some(QUICK_HEARTBEAT),
             ack_timeout_ms: Some(2000),
             ..PairOpts::default()
         },
-        |_| extras(false),
+        |_, faulty| extras(faulty),
+        "beta back with a stuck range",
     );
-    // The initial full sync writes all of beta's disk: the fault starts only now.
-    pair.beta.stop(Duration::from_secs(20));
-    pair.write_configs_with(&extras(true));
-    pair.beta.start();
-    pair.wait_in_sync("beta back with a stuck range", Duration::from_secs(30));
 
     let mut c = client(&pair.alpha);
     let t = Instant::now();

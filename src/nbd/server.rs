@@ -810,14 +810,7 @@ where
                                 let len = req.len as usize;
                                 self.after_large_write = len >= DIRECT_PAYLOAD;
                                 let take = len.min(self.rbuf.len());
-                                let buf = if take == len {
-                                    // All here (small writes, mostly): one copy, no zeroing.
-                                    IoBuf::from(&self.rbuf[..len])
-                                } else {
-                                    let mut buf = IoBuf::with_len(len);
-                                    buf[..take].copy_from_slice(&self.rbuf[..take]);
-                                    buf
-                                };
+                                let buf = IoBuf::starting_with(&self.rbuf[..take], len);
                                 self.rbuf.advance(take);
                                 *rstate = ReadState::Payload {
                                     req,

@@ -375,14 +375,7 @@ impl FrameReader {
                             self.buf.advance(pre);
                             let want = len - pre;
                             let take = want.min(self.buf.len());
-                            let data = if take == want {
-                                // All here (small frames, mostly): one copy, no zeroing.
-                                IoBuf::from(&self.buf[..want])
-                            } else {
-                                let mut data = IoBuf::with_len(want);
-                                data[..take].copy_from_slice(&self.buf[..take]);
-                                data
-                            };
+                            let data = IoBuf::starting_with(&self.buf[..take], want);
                             self.buf.advance(take);
                             self.state = ReadState::Data {
                                 h,

@@ -71,6 +71,18 @@ impl IoBuf {
         IoBuf { v }
     }
 
+    /// A buffer of `len` bytes that starts with `head` (at most `len` bytes of it); the caller
+    /// fills the rest. When `head` holds it all (a small payload already read), it is one
+    /// copy, never zeroed first.
+    pub fn starting_with(head: &[u8], len: usize) -> IoBuf {
+        if head.len() >= len {
+            return IoBuf::from(&head[..len]);
+        }
+        let mut b = IoBuf::with_len(len);
+        b[..head.len()].copy_from_slice(head);
+        b
+    }
+
     /// Takes the vector out; it will not return to the pool.
     pub fn into_vec(mut self) -> Vec<u8> {
         std::mem::take(&mut self.v)
