@@ -2708,50 +2708,38 @@ impl Backend for ReplicatedDisk {
         if !diskless {
             local?;
         }
-        let no_peer = || {
+        // Without a local disk the peer's flush is the only one: no peer, or a link lost
+        // before it was asked, is a failed flush; with one, the local flush was the promise.
+        let without_peer = |why: &str| {
             if diskless {
                 Err(eio(
                     "flush",
                     0,
                     0,
-                    "the local disk failed and there is no peer",
+                    &format!("the local disk failed and {why}"),
                 ))
             } else {
                 Ok(())
             }
         };
         let Some(r) = &self.repl else {
-            return no_peer();
+            return without_peer("there is no peer");
         };
         let Some(p) = r.replicating_peer().await else {
-            return no_peer();
+            return without_peer("there is no peer");
         };
         let (tx, rx) = oneshot::channel();
         let id = p.next_id.fetch_add(1, Ordering::Relaxed);
-        // Without a local disk the peer's flush is the only one: a link lost before it was
-        // asked for is a failed flush.
-        let lost = || {
-            if diskless {
-                Err(eio(
-                    "flush",
-                    0,
-                    0,
-                    "the local disk failed and the link to the peer was lost",
-                ))
-            } else {
-                Ok(())
-            }
-        };
         {
             let mut g = lock(&p.inner);
             if g.dead {
-                return lost();
+                return without_peer("the link to the peer was lost");
             }
             g.flushes.insert(id, (Instant::now(), tx));
         }
         if let Err(e) = p.send_data(&Msg::Flush { id }).await {
             r.drop_link(&p, &e);
-            return lost();
+            return without_peer("the link to the peer was lost");
         }
         // A lost link leaves the peer to be resynced; the local flush is what was promised
         // (without a local disk, the peer's flush is).
