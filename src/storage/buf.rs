@@ -56,8 +56,10 @@ impl IoBuf {
             .lock()
             .ok()
             .and_then(|mut p| p.get_mut(class).and_then(Vec::pop));
-        let mut v =
-            pooled.unwrap_or_else(|| Vec::with_capacity(1 << (class as u32 + MIN_CLASS_SHIFT)));
+        // A fresh buffer comes zeroed from the allocator (large ones straight from the
+        // kernel, whose pages are only backed once written): a request that announces a
+        // large payload costs memory as its bytes arrive, not when its header does.
+        let mut v = pooled.unwrap_or_else(|| vec![0; 1 << (class as u32 + MIN_CLASS_SHIFT)]);
         if v.len() >= len {
             v.truncate(len);
         } else {
