@@ -29,7 +29,10 @@ pub use super::sink::{ReplySink, RequestSource};
 use crate::storage::{Backend, FileRange, IoBuf};
 
 /// Longest a client may take to finish the negotiation.
-const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections negotiating at once: idle connections that never negotiate can hold at most
+/// these of the `MAX_CONNECTIONS`, each for at most `NEGOTIATION_TIMEOUT`.
+const MAX_NEGOTIATING: usize = 32;
 /// Requests in flight per connection before the session stops reading more.
 const MAX_IN_FLIGHT: usize = 512;
 /// Payload bytes in flight per connection (reads and writes) before it stops reading more.
@@ -82,6 +85,8 @@ pub struct ServerCtx<B: Backend> {
     /// How long a session whose export closed, with every request done, waits for its client
     /// to take more of its replies before it drops the connection.
     pub reply_drain: std::time::Duration,
+    /// Room for sessions in negotiation (`MAX_NEGOTIATING`).
+    negotiating: Arc<tokio::sync::Semaphore>,
 }
 
 impl<B: Backend> ServerCtx<B> {
@@ -94,6 +99,7 @@ impl<B: Backend> ServerCtx<B> {
             requests: AtomicU64::new(0),
             file_range_replies: AtomicU64::new(0),
             reply_drain: REPLY_DRAIN,
+            negotiating: Arc::new(tokio::sync::Semaphore::new(MAX_NEGOTIATING)),
         }
     }
 
@@ -132,6 +138,8 @@ pub enum SessionError {
     OptionTooBig(u32),
     #[error("{0}")]
     Refused(String),
+    #[error("too many connections negotiating at once ({0}); closed")]
+    Busy(usize),
 }
 
 /// A listening socket for the export.
@@ -255,11 +263,15 @@ where
     W: ReplySink,
 {
     let mut r = r;
+    let Ok(negotiating) = Arc::clone(&ctx.negotiating).try_acquire_owned() else {
+        return Err(SessionError::Busy(MAX_NEGOTIATING));
+    };
     let negotiated =
         match tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut r, &mut w, ctx)).await {
             Ok(res) => res?,
             Err(_) => return Err(SessionError::NegotiationTimeout(NEGOTIATION_TIMEOUT)),
         };
+    drop(negotiating);
     let Some((export, structured)) = negotiated else {
         return Ok(());
     };
