@@ -2626,10 +2626,23 @@ impl ReplicatedDisk {
         };
         let res = self.local(local(payload)).await;
         drop(ticket);
-        if let Err(e) = res {
-            // The disk just failed. If the peer has the write, it is not lost: under C, once
-            // it has written it; under B, once it has received it (what B promises). Under A
-            // nothing says the frame arrived, so the write fails.
+        // The disk failed, in this operation or in another one meanwhile: its copy no longer
+        // counts. If the peer has the write, it is not lost: under C, once it has written it;
+        // under B, once it has received it (what B promises). Under A nothing says the frame
+        // arrived, so the write fails.
+        let detached = !diskless && self.health.diskless();
+        if let Err(e) = res.and_then(|()| {
+            if detached {
+                Err(eio(
+                    "write",
+                    offset,
+                    len,
+                    "the local disk failed while this write was in flight",
+                ))
+            } else {
+                Ok(())
+            }
+        }) {
             return match wait {
                 Some(rx) if self.health.diskless() => match Self::peer_result(rx).await {
                     Some(0) => Ok(()),
