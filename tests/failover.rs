@@ -1970,6 +1970,33 @@ fn a_peer_that_stops_answering_writes_is_dropped() {
     eprintln!("a write to a peer whose disk hangs was answered after {took:?}");
 }
 
+/// A verify that the peer cannot read fails with a reason; the link stays up.
+#[test]
+fn a_verify_the_peer_cannot_read_fails_and_the_link_stays() {
+    let _g = shared();
+    let size = 16 * MIB;
+    let pair = pair_with_late_beta_faults(
+        PairOpts {
+            disk_size: size,
+            heartbeat_ms: Some(QUICK_HEARTBEAT),
+            ..PairOpts::default()
+        },
+        |_, faulty| PairExtras {
+            beta_node: if faulty {
+                format!("disk_faults = \"ranges={}+{},ops=read\"\n", 8 * MIB, MIB)
+            } else {
+                String::new()
+            },
+            ..PairExtras::default()
+        },
+        "beta back with a disk it cannot read in one range",
+    );
+    let why = assert_refused(pair.alpha.cli(&["verify"]), "could not read");
+    eprintln!("verify against an unreadable peer: {why}");
+    let a = pair.alpha.status();
+    assert!(linked(&a), "the link went down with the verify: {a:#}");
+}
+
 /// A pair with `auto_promote = true` and an `on_peer_lost` handler that records its runs.
 fn disconnect_pair() -> Pair {
     Pair::up_with(

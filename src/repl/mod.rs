@@ -1915,10 +1915,18 @@ impl Replicator {
                 Ok(Some(Box::pin(async move {
                     let _applying = applying;
                     t.wait().await;
-                    let data = me.disk.read(offset, len as usize).await;
+                    let data = me.local(me.disk.read(offset, len as usize)).await;
                     drop(t);
-                    let data = data.map_err(|e| format!("verify read failed: {e}"))?;
-                    let crcs = me.chunk_crcs(&data);
+                    // A read error is the verify's failure, not the link's: the reply carries
+                    // no checksums, which fails the verify on the primary (a device error also
+                    // detaches this node's disk, as for any operation).
+                    let crcs = match data {
+                        Ok(data) => me.chunk_crcs(&data),
+                        Err(e) => {
+                            tracing::error!(error = %e, "verify: cannot read this node's disk");
+                            Vec::new()
+                        }
+                    };
                     Ok(Some(Msg::VerifyReply { id, crcs }))
                 })))
             }
@@ -2160,6 +2168,11 @@ impl Replicator {
                             .await
                             .map_err(|_| "link lost during verify".to_string())?;
                         drop(t);
+                        if theirs.is_empty() && !mine.is_empty() {
+                            return Err(format!(
+                                "the peer could not read [{off}, +{len}) to verify it (see its log)"
+                            ));
+                        }
                         if theirs.len() != mine.len() {
                             return Err(
                                 "peer answered verify with the wrong number of checksums".into()
