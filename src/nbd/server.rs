@@ -28,11 +28,9 @@ use super::proto::{self, *};
 pub use super::sink::{ReplySink, RequestSource};
 use crate::storage::{Backend, FileRange, IoBuf};
 
-/// Longest a client may take to finish the negotiation.
+/// How long a client may take to negotiate: a connection that says nothing holds one of the
+/// `MAX_CONNECTIONS` this long at most.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections negotiating at once: idle connections that never negotiate can hold at most
-/// these of the `MAX_CONNECTIONS`, each for at most `NEGOTIATION_TIMEOUT`.
-const MAX_NEGOTIATING: usize = 32;
 /// Requests in flight per connection before the session stops reading more.
 const MAX_IN_FLIGHT: usize = 512;
 /// Payload bytes in flight per connection (reads and writes) before it stops reading more.
@@ -85,8 +83,6 @@ pub struct ServerCtx<B: Backend> {
     /// How long a session whose export closed, with every request done, waits for its client
     /// to take more of its replies before it drops the connection.
     pub reply_drain: std::time::Duration,
-    /// Room for sessions in negotiation (`MAX_NEGOTIATING`).
-    negotiating: Arc<tokio::sync::Semaphore>,
 }
 
 impl<B: Backend> ServerCtx<B> {
@@ -99,7 +95,6 @@ impl<B: Backend> ServerCtx<B> {
             requests: AtomicU64::new(0),
             file_range_replies: AtomicU64::new(0),
             reply_drain: REPLY_DRAIN,
-            negotiating: Arc::new(tokio::sync::Semaphore::new(MAX_NEGOTIATING)),
         }
     }
 
@@ -138,8 +133,6 @@ pub enum SessionError {
     OptionTooBig(u32),
     #[error("{0}")]
     Refused(String),
-    #[error("too many connections negotiating at once ({0}); closed")]
-    Busy(usize),
 }
 
 /// A listening socket for the export.
@@ -263,15 +256,11 @@ where
     W: ReplySink,
 {
     let mut r = r;
-    let Ok(negotiating) = Arc::clone(&ctx.negotiating).try_acquire_owned() else {
-        return Err(SessionError::Busy(MAX_NEGOTIATING));
-    };
     let negotiated =
         match tokio::time::timeout(NEGOTIATION_TIMEOUT, negotiate(&mut r, &mut w, ctx)).await {
             Ok(res) => res?,
             Err(_) => return Err(SessionError::NegotiationTimeout(NEGOTIATION_TIMEOUT)),
         };
-    drop(negotiating);
     let Some((export, structured)) = negotiated else {
         return Ok(());
     };
@@ -588,6 +577,8 @@ enum Event {
 /// How long a session whose export closed waits for a client that takes none of its replies
 /// (below the node's own wait for its clients, so a demotion sees them gone).
 const REPLY_DRAIN: std::time::Duration = std::time::Duration::from_secs(20);
+/// The longest a session stays after its export closed, however slowly its client reads.
+const REPLY_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(25);
 
 /// What the reader is doing.
 enum ReadState {
@@ -626,6 +617,7 @@ where
         // Once the export closed under this session: when it last saw progress (the close, a
         // request finishing, replies taken by the client).
         let mut closed_at: Option<tokio::time::Instant> = None;
+        let mut first_closed_at: Option<tokio::time::Instant> = None;
         loop {
             // Turn everything already buffered into requests before waiting on anything.
             if reading {
@@ -700,9 +692,10 @@ where
                     usize::MAX
                 };
                 let writing = !wq.is_empty();
-                let give_up = closed_at
-                    .filter(|_| pending.is_empty())
-                    .map(|at| at + ctx.reply_drain);
+                // Progress defers giving up, but never past `REPLY_DRAIN_MAX` after the close.
+                let give_up = closed_at.filter(|_| pending.is_empty()).map(|at| {
+                    (at + ctx.reply_drain).min(first_closed_at.unwrap_or(at) + REPLY_DRAIN_MAX)
+                });
                 tokio::select! {
                     biased;
                     Some(done) = pending.next(), if !pending.is_empty() => Event::Done(done),
@@ -757,6 +750,7 @@ where
                         tracing::info!("export closed: disconnecting NBD client");
                         reading = false;
                         closed_at = Some(tokio::time::Instant::now());
+                        first_closed_at = closed_at;
                     }
                 }
                 Event::GaveUp => {

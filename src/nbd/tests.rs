@@ -541,32 +541,6 @@ async fn closing_the_export_disconnects_clients() {
     let _ = &h.export;
 }
 
-/// Connections that never negotiate hold at most a few dozen sessions: one more is closed at
-/// once, and a client still gets in once one of them is gone.
-#[tokio::test]
-async fn idle_connections_cannot_fill_the_negotiation() {
-    let h = harness(true);
-    let mut idle = Vec::new();
-    for _ in 0..32 {
-        idle.push(connect(&h));
-    }
-    tokio::task::yield_now().await;
-    let (_c, task) = connect(&h);
-    let res = tokio::time::timeout(std::time::Duration::from_secs(5), task)
-        .await
-        .expect("the extra connection is closed at once")
-        .expect("join");
-    assert!(
-        matches!(res, Err(SessionError::Busy(32))),
-        "the 33rd idle connection: {res:?}"
-    );
-    drop(idle.pop());
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let (mut c, _task) = connect(&h);
-    go(&mut c, false).await;
-    let _ = &h.export;
-}
-
 /// A client that stops reading its replies does not keep its session forever once the
 /// export closes: with every request done, the session waits `reply_drain`, then drops it.
 #[tokio::test]
