@@ -12,7 +12,7 @@
 //! [heartbeat]
 //! interval_ms = 200                  # default 200
 //! timeout_ms = 1000                  # default 1000
-//! ack_timeout_ms = 30000             # a write or flush unanswered this long drops the link
+//! ack_timeout_ms = 30000             # a request unanswered this long drops the link
 //!                                    # (default 30000, and at least twice timeout_ms)
 //!
 //! [failover]
@@ -464,7 +464,7 @@ pub struct HeartbeatConfig {
     pub interval: Duration,
     /// Silence after which the peer is considered lost (always > `interval`).
     pub timeout: Duration,
-    /// How long a write or flush sent to the peer may go unanswered, while the peer still
+    /// How long a request sent to the peer may go unanswered, while the peer still
     /// answers pings, before the link is dropped (always > `timeout`).
     pub ack_timeout: Duration,
 }

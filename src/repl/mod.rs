@@ -71,7 +71,7 @@ pub struct ReplSettings {
     pub protocol: Protocol,
     pub interval: Duration,
     pub timeout: Duration,
-    /// A write or flush the peer leaves unanswered this long drops the link.
+    /// A request the peer leaves unanswered this long drops the link.
     pub ack_timeout: Duration,
     pub rate_bytes_per_s: Option<u64>,
     /// Activity log size in extents.
@@ -1915,11 +1915,11 @@ impl Replicator {
                 Ok(Some(Box::pin(async move {
                     let _applying = applying;
                     t.wait().await;
-                    let data = me.local(me.disk.read(offset, len as usize)).await;
+                    let data = me.disk.read(offset, len as usize).await;
                     drop(t);
-                    // A read error is the verify's failure, not the link's: the reply carries
-                    // no checksums, which fails the verify on the primary (a device error also
-                    // detaches this node's disk, as for any operation).
+                    // A read error is the verify's failure, not the link's, nor the whole
+                    // disk's (one bad sector found by a verify): the reply carries no
+                    // checksums, which fails the verify on the primary.
                     let crcs = match data {
                         Ok(data) => me.chunk_crcs(&data),
                         Err(e) => {
@@ -2121,6 +2121,11 @@ impl Replicator {
                 "verify runs on the primary (this node, {}, is secondary)",
                 self.set.link.me
             ));
+        }
+        if self.health.diskless() {
+            return Err(
+                "this node's disk is detached: there is nothing of its own to verify".into(),
+            );
         }
         let peer = self.current_peer().ok_or("not connected to the peer")?;
         if *lock(&peer.decision) != Some(Decision::InSync) {
@@ -2424,9 +2429,12 @@ impl Replicator {
     }
 }
 
-/// The largest piece of a replicated trim or zero-write (a multiple of the activity log's
-/// extent): a disk that writes zeroes at 10 MB/s still finishes one in a few seconds.
+/// The largest piece of a replicated zero-write (a multiple of the activity log's extent): a
+/// disk that writes zeroes at 10 MB/s still finishes one in a few seconds.
 const RANGE_PIECE: u64 = 64 << 20;
+/// The largest piece of a replicated trim: a discard costs far less than writing zeroes, and
+/// each piece costs an activity-log transaction when its extents are new.
+const TRIM_PIECE: u64 = 256 << 20;
 
 /// The largest record of a split-brain recovery file: what the resync overwrites is read and
 /// saved in pieces this large.
@@ -2522,6 +2530,7 @@ impl ReplicatedDisk {
     /// Waits for the protocol's acknowledgement of a replicated operation; on any failure the
     /// range is marked out of sync before the operation is answered.
     async fn confirm(
+        &self,
         r: &Replicator,
         rx: Option<oneshot::Receiver<u32>>,
         offset: u64,
@@ -2535,11 +2544,23 @@ impl ReplicatedDisk {
                 r.replicated.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            _ => r
-                .marker
-                .mark(offset, len)
-                .await
-                .map_err(|e| meta_err("mark out of sync", offset, len, e)),
+            _ => {
+                r.marker
+                    .mark(offset, len)
+                    .await
+                    .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
+                // Marked for the peer, kept by this disk, unless the disk was detached while
+                // the write waited: then no copy counts.
+                if self.health.diskless() {
+                    return Err(eio(
+                        "write",
+                        offset,
+                        len,
+                        "the local disk failed and the peer did not confirm the write",
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -2665,7 +2686,7 @@ impl ReplicatedDisk {
             };
         }
         match wait {
-            Some(rx) => Self::confirm(r, rx, offset, len).await,
+            Some(rx) => self.confirm(r, rx, offset, len).await,
             None => Ok(()),
         }
     }
@@ -2769,9 +2790,10 @@ impl Backend for ReplicatedDisk {
         }
         // A lost link leaves the peer to be resynced; the local flush is what was promised
         // (without a local disk, the peer's flush is).
+        // (The disk may also have been detached while the flush waited.)
         match rx.await {
             Ok(0) => Ok(()),
-            _ if diskless => Err(eio(
+            _ if diskless || self.health.diskless() => Err(eio(
                 "flush",
                 0,
                 0,
@@ -2787,7 +2809,7 @@ impl Backend for ReplicatedDisk {
         };
         // A trim may cover 4 GiB, more than the activity log holds: a piece at a time, small
         // enough for a slow disk to finish well within the ack timeout.
-        for (offset, len) in pieces(offset, len, r.activity.piece_bytes().min(RANGE_PIECE)) {
+        for (offset, len) in pieces(offset, len, r.activity.piece_bytes().min(TRIM_PIECE)) {
             self.replicate(
                 r,
                 offset,
