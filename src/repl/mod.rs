@@ -1490,6 +1490,11 @@ impl Replicator {
             peer.replicating.store(false, Ordering::SeqCst);
         }
         lock(&self.view).resync = None;
+        // A node without a disk, or facing one, has no split brain to settle: a request to
+        // discard this node's data is used up by this decision too.
+        if self.discard_my_data.swap(false, Ordering::SeqCst) {
+            tracing::info!(peer = %peer.name, "the request to discard this node's data was not used (a disk is detached); it is cleared");
+        }
         peer.decided.notify_waiters();
         self.set_connection(Connection::Connected);
         self.changed.notify_one();
