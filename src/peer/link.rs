@@ -648,6 +648,34 @@ mod tests {
         tokio::time::timeout(wait, r.recv()).await.ok()
     }
 
+    /// Connects to `node`'s accept side (listening on `l`) and sends `as_hello` carrying
+    /// `challenge`; returns the connection, `node`'s answering Hello and its handshake task.
+    async fn pose_as(
+        l: &TcpListener,
+        node: &LinkParams,
+        mut as_hello: Hello,
+        challenge: [u8; wire::CHALLENGE_LEN],
+    ) -> (
+        FrameReader,
+        FrameWriter,
+        Hello,
+        tokio::task::JoinHandle<Result<Conn, LinkError>>,
+    ) {
+        let (to, from) = tokio::join!(TcpStream::connect(node.listen), l.accept());
+        let task = tokio::spawn({
+            let node = node.clone();
+            async move { accept(from.expect("accept").0, &node).await }
+        });
+        let (r, w) = to.expect("connect").into_split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        as_hello.challenge = challenge;
+        w.send(&Msg::Hello(as_hello)).await.expect("hello");
+        let Some(Ok(Msg::Hello(answer))) = next_frame(&mut r, HANDSHAKE_TIMEOUT).await else {
+            panic!("{} did not answer the hello", node.me)
+        };
+        (r, w, answer, task)
+    }
+
     /// Alpha dials, beta accepts. Someone who can reach both ports but lacks the secret
     /// poses as alpha to beta and as beta to alpha, passing each one's challenge to the
     /// other: neither node gives a proof to a stranger that has not proven itself, so there
@@ -669,22 +697,14 @@ mod tests {
         assert_eq!(accepted.expect("beta accepts").peer.node, "alpha");
 
         // The stranger, as alpha, dials beta and gets beta's challenge.
-        let (to_beta, from_lb) = tokio::join!(TcpStream::connect(b_addr), lb.accept());
-        let beta_side = tokio::spawn({
-            let beta = beta.clone();
-            async move { accept(from_lb.expect("accept").0, &beta).await }
-        });
-        let (rb, wb) = to_beta.expect("connect").into_split();
-        let (mut rb, mut wb) = (FrameReader::new(rb), FrameWriter::new(wb));
-        let mut fake_alpha = hello(&alpha, Channel::Data, 10);
-        fake_alpha.challenge = auth::challenge();
-        let stranger_challenge = fake_alpha.challenge;
-        wb.send(&Msg::Hello(fake_alpha))
-            .await
-            .expect("hello to beta");
-        let Some(Ok(Msg::Hello(beta_hello))) = next_frame(&mut rb, HANDSHAKE_TIMEOUT).await else {
-            panic!("beta did not answer the hello")
-        };
+        let stranger_challenge = auth::challenge();
+        let (mut rb, mut wb, beta_hello, beta_side) = pose_as(
+            &lb,
+            &beta,
+            hello(&alpha, Channel::Data, 10),
+            stranger_challenge,
+        )
+        .await;
         // Beta waits for the dialer's proof before it proves anything itself.
         assert!(
             next_frame(&mut rb, Duration::from_millis(300))
@@ -694,21 +714,13 @@ mod tests {
         );
 
         // The stranger, as beta, connects to alpha's accept side with beta's challenge.
-        let (to_alpha, from_la) = tokio::join!(TcpStream::connect(a_addr), la.accept());
-        let alpha_side = tokio::spawn({
-            let alpha = alpha.clone();
-            async move { accept(from_la.expect("accept").0, &alpha).await }
-        });
-        let (ra, wa) = to_alpha.expect("connect").into_split();
-        let (mut ra, mut wa) = (FrameReader::new(ra), FrameWriter::new(wa));
-        let mut fake_beta = hello(&beta, Channel::Data, 10);
-        fake_beta.challenge = beta_hello.challenge;
-        wa.send(&Msg::Hello(fake_beta))
-            .await
-            .expect("hello to alpha");
-        let Some(Ok(Msg::Hello(_))) = next_frame(&mut ra, HANDSHAKE_TIMEOUT).await else {
-            panic!("alpha did not answer the hello")
-        };
+        let (mut ra, wa, _, alpha_side) = pose_as(
+            &la,
+            &alpha,
+            hello(&beta, Channel::Data, 10),
+            beta_hello.challenge,
+        )
+        .await;
         // Alpha, accepting, gives no proof either: nothing to relay. A proof of alpha's as an
         // acceptor, were it to get one, would not pass at beta, which checks a dialer's.
         assert!(

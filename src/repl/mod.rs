@@ -49,8 +49,16 @@ const APPLY_MAX_IN_FLIGHT: usize = 1024;
 /// before it stops reading more.
 const APPLY_MAX_BYTES: usize = 256 << 20;
 
-/// Counts a request's data as being applied until it is dropped (done or abandoned).
+/// Counts a request's data as being applied until it is dropped (done or abandoned). It
+/// holds the replicator for the request's future, which reaches it through this guard.
 struct Applying(Arc<Replicator>, usize);
+
+impl std::ops::Deref for Applying {
+    type Target = Replicator;
+    fn deref(&self) -> &Replicator {
+        &self.0
+    }
+}
 
 impl Applying {
     fn new(r: &Arc<Replicator>, bytes: usize) -> Applying {
@@ -1770,10 +1778,8 @@ impl Replicator {
                     peer.send_meta(&Msg::Received { id }).await?;
                 }
                 let mut t = self.conflicts.register(offset, data.len() as u64);
-                let me = Arc::clone(self);
-                let applying = Applying::new(self, data.len());
+                let me = Applying::new(self, data.len());
                 Ok(Some(Box::pin(async move {
-                    let _applying = applying;
                     t.wait().await;
                     me.save_before_overwrite(offset, data.len() as u64).await?;
                     let res = me.local(me.disk.write(offset, data, fua)).await;
@@ -1831,10 +1837,8 @@ impl Replicator {
                 let len = data.len() as u64;
                 self.check_range("resync data", offset, len)?;
                 let mut t = self.conflicts.register(offset, len);
-                let me = Arc::clone(self);
-                let applying = Applying::new(self, data.len());
+                let me = Applying::new(self, data.len());
                 Ok(Some(Box::pin(async move {
-                    let _applying = applying;
                     t.wait().await;
                     me.save_before_overwrite(offset, len).await?;
                     let res = me.local(me.disk.write_bulk(offset, data)).await;
@@ -1878,10 +1882,8 @@ impl Replicator {
                     return Err(format!("peer asked to read {len} bytes at once"));
                 }
                 let mut t = self.conflicts.register(offset, u64::from(len));
-                let (me, p) = (Arc::clone(self), Arc::clone(peer));
-                let applying = Applying::new(self, len as usize);
+                let (me, p) = (Applying::new(self, len as usize), Arc::clone(peer));
                 Ok(Some(Box::pin(async move {
-                    let _applying = applying;
                     t.wait().await;
                     let res = if me.health.diskless() {
                         Err(eio("read", offset, u64::from(len), "disk detached"))
@@ -1915,10 +1917,8 @@ impl Replicator {
                     return Err(format!("peer asked to verify {len} bytes at once"));
                 }
                 let mut t = self.conflicts.register(offset, u64::from(len));
-                let me = Arc::clone(self);
-                let applying = Applying::new(self, len as usize);
+                let me = Applying::new(self, len as usize);
                 Ok(Some(Box::pin(async move {
-                    let _applying = applying;
                     t.wait().await;
                     let data = me.disk.read(offset, len as usize).await;
                     drop(t);

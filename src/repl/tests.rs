@@ -141,20 +141,31 @@ async fn a_tracking_node_marks_in_memory_only() {
     assert_eq!(s.superblock().generations.current, NEW);
 }
 
-/// A node without a peer keeps its disk after a device error: the error goes to the client,
-/// and the rest of the disk stays served (detaching would leave nothing to serve from).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_without_a_peer_passes_disk_errors_through() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk.img");
+/// The export of a node without a peer over a 1 MiB disk of 7s at `dir/name` that fails as
+/// `faults` says, and the disk's health.
+fn standalone(
+    dir: &std::path::Path,
+    name: &str,
+    faults: &str,
+) -> (ReplicatedDisk, Arc<DiskHealth>) {
+    let path = dir.join(name);
     std::fs::write(&path, vec![7u8; 1 << 20]).expect("disk");
-    let spec: crate::storage::FaultSpec = "ranges=65536+4096".parse().expect("fault spec");
+    let spec: crate::storage::FaultSpec = faults.parse().expect("fault spec");
     let disk = crate::storage::open_disk(&path, None, crate::storage::EngineChoice::Sync)
         .expect("open")
         .with_faults(spec);
     let (tx, _rx) = mpsc::unbounded_channel();
     let health = DiskHealth::new(tx);
     let d = ReplicatedDisk::new(Arc::new(disk), None, Arc::clone(&health));
+    (d, health)
+}
+
+/// A node without a peer keeps its disk after a device error: the error goes to the client,
+/// and the rest of the disk stays served (detaching would leave nothing to serve from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_peer_passes_disk_errors_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (d, health) = standalone(dir.path(), "disk.img", "ranges=65536+4096");
     assert!(
         d.read(65536, 4096).await.is_err(),
         "a read of the failing range"
@@ -172,15 +183,7 @@ async fn a_node_without_a_peer_passes_disk_errors_through() {
         .expect("a write elsewhere");
 
     // A disk failing everything, flushes included: errors, and the disk is kept.
-    let all: crate::storage::FaultSpec = "after=0".parse().expect("fault spec");
-    let path = dir.path().join("failing.img");
-    std::fs::write(&path, vec![7u8; 1 << 20]).expect("disk");
-    let disk = crate::storage::open_disk(&path, None, crate::storage::EngineChoice::Sync)
-        .expect("open")
-        .with_faults(all);
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let health = DiskHealth::new(tx);
-    let d = ReplicatedDisk::new(Arc::new(disk), None, Arc::clone(&health));
+    let (d, health) = standalone(dir.path(), "failing.img", "after=0");
     assert!(d.flush().await.is_err());
     assert!(d.read(0, 4096).await.is_err());
     assert!(
