@@ -769,6 +769,7 @@ fn handshake(rig: &PeerRig, stream: &[u8]) {
         node_id: 2,
         peer: "alpha".into(),
         size: EXPORT_SIZE,
+        granularity: crate::bitmap::DEFAULT_GRANULARITY,
         listen: addr,
         peer_addr: addr,
     };
@@ -1314,6 +1315,7 @@ pub fn sample_messages() -> Vec<Msg> {
             session: 42,
             node_id: 1,
             size: 1 << 30,
+            granularity: crate::bitmap::DEFAULT_GRANULARITY,
             resource: EXPORT_NAME.into(),
             node: "alpha".into(),
             challenge: [3; wire::CHALLENGE_LEN],

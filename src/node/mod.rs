@@ -239,6 +239,7 @@ impl Node {
                         node_id: sb.node_id,
                         peer: peer.name.clone(),
                         size: sb.data_size,
+                        granularity: sb.granularity,
                         listen: me.replication,
                         peer_addr: peer.replication,
                     },

@@ -56,6 +56,8 @@ pub struct LinkParams {
     pub node_id: u64,
     pub peer: String,
     pub size: u64,
+    /// Bytes per bit of this node's dirty bitmap; the peer's must match.
+    pub granularity: u32,
     pub listen: SocketAddr,
     pub peer_addr: SocketAddr,
 }
@@ -457,6 +459,7 @@ fn hello(p: &LinkParams, channel: Channel, session: u64) -> Hello {
         session,
         node_id: p.node_id,
         size: p.size,
+        granularity: p.granularity,
         resource: p.resource.clone(),
         node: p.me.clone(),
         challenge: auth::challenge(),
@@ -465,12 +468,7 @@ fn hello(p: &LinkParams, channel: Channel, session: u64) -> Hello {
 
 /// Checks the peer's hello against what we expect; `Err` is the reason to refuse.
 fn check_hello(p: &LinkParams, h: &Hello) -> Result<(), String> {
-    if h.version != VERSION {
-        return Err(format!(
-            "protocol version {} is not supported (this node speaks {VERSION})",
-            h.version
-        ));
-    }
+    // The decoder has already refused any other version (`WireError::Version`).
     if h.resource != p.resource {
         return Err(format!(
             "peer serves resource {:?}, this node {:?}",
@@ -489,7 +487,39 @@ fn check_hello(p: &LinkParams, h: &Hello) -> Result<(), String> {
             h.node, h.size, p.size
         ));
     }
+    if h.granularity != p.granularity {
+        return Err(format!(
+            "peer {} keeps its dirty bitmap at {} bytes per bit, this node at {}: their bitmaps cannot be merged",
+            h.node, h.granularity, p.granularity
+        ));
+    }
     Ok(())
+}
+
+/// Reads the peer's Hello. A peer of another protocol version is refused with a reason it
+/// can log, as is one whose Hello `check_hello` rejects.
+async fn read_hello(
+    p: &LinkParams,
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+) -> Result<Hello, LinkError> {
+    let reason = match expect(reader, "hello").await {
+        Ok(Msg::Hello(h)) => match check_hello(p, &h) {
+            Ok(()) => return Ok(h),
+            Err(reason) => reason,
+        },
+        Ok(_) => unreachable!("expect checked the kind"),
+        Err(LinkError::Wire(WireError::Version(v))) => {
+            format!("node {} speaks protocol version {VERSION}, not {v}", p.me)
+        }
+        Err(e) => return Err(e),
+    };
+    let _ = writer
+        .send(&Msg::Refuse {
+            reason: reason.clone(),
+        })
+        .await;
+    Err(LinkError::Rejected(reason))
 }
 
 async fn expect(r: &mut FrameReader, what: &'static str) -> Result<Msg, LinkError> {
@@ -522,9 +552,7 @@ async fn handshake(
         Some((channel, session)) => {
             let mine = hello(p, channel, session);
             writer.send(&Msg::Hello(mine.clone())).await?;
-            let Msg::Hello(theirs) = expect(&mut reader, "hello").await? else {
-                unreachable!("expect checked the kind")
-            };
+            let theirs = read_hello(p, &mut reader, &mut writer).await?;
             if theirs.channel != channel || theirs.session != session {
                 return Err(LinkError::Rejected(
                     "peer answered for another connection".into(),
@@ -533,20 +561,10 @@ async fn handshake(
             (mine, theirs)
         }
         None => {
-            let Msg::Hello(theirs) = expect(&mut reader, "hello").await? else {
-                unreachable!("expect checked the kind")
-            };
+            let theirs = read_hello(p, &mut reader, &mut writer).await?;
             (hello(p, theirs.channel, theirs.session), theirs)
         }
     };
-    if let Err(reason) = check_hello(p, &theirs) {
-        let _ = writer
-            .send(&Msg::Refuse {
-                reason: reason.clone(),
-            })
-            .await;
-        return Err(LinkError::Rejected(reason));
-    }
     if dialing.is_none() {
         writer.send(&Msg::Hello(mine.clone())).await?;
     }
@@ -638,6 +656,7 @@ mod tests {
             node_id: if me == "alpha" { 1 } else { 2 },
             peer: peer.into(),
             size: 1 << 20,
+            granularity: 4096,
             listen,
             peer_addr,
         }
@@ -755,6 +774,48 @@ mod tests {
         }
         drop((wa, ra));
         assert!(alpha_side.await.expect("alpha's handshake task").is_err());
+    }
+
+    /// A peer whose bitmap counts in other units, or which speaks another protocol version,
+    /// is refused before the login, and both sides learn why.
+    #[tokio::test]
+    async fn another_granularity_or_version_is_refused_with_the_reason() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let beta = params("beta", "alpha", addr, addr);
+        let mut alpha = params("alpha", "beta", addr, addr);
+        alpha.granularity = 64 * 1024;
+        let (dialed, accepted) = tokio::join!(dial(&alpha, Channel::Data, 1), async {
+            let (s, _) = l.accept().await.expect("accept");
+            accept(s, &beta).await
+        });
+        match dialed {
+            Err(LinkError::Refused(r)) => assert!(r.contains("65536 bytes per bit"), "{r}"),
+            Err(e) => panic!("alpha failed for another reason: {e}"),
+            Ok(_) => panic!("alpha linked with a bitmap of another granularity"),
+        }
+        assert!(matches!(accepted, Err(LinkError::Rejected(_))));
+
+        // A Hello of the previous version: the layout of the rest is not read at all.
+        let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let server = tokio::spawn(async move { accept(a.expect("accept").0, &beta).await });
+        let (r, w) = c.expect("connect").into_split();
+        let (mut r, mut w) = (FrameReader::new(r), FrameWriter::new(w));
+        let mut old = hello(&params("alpha", "beta", addr, addr), Channel::Data, 2);
+        old.version = VERSION - 1;
+        w.send(&Msg::Hello(old)).await.expect("hello");
+        let want = format!(
+            "node beta speaks protocol version {VERSION}, not {}",
+            VERSION - 1
+        );
+        match next_frame(&mut r, HANDSHAKE_TIMEOUT).await {
+            Some(Ok(Msg::Refuse { reason })) => assert_eq!(reason, want),
+            other => panic!("beta answered an old hello with {other:?}"),
+        }
+        match server.await.expect("task") {
+            Err(LinkError::Rejected(reason)) => assert_eq!(reason, want),
+            other => panic!("beta's handshake ended with {:?}", other.map(|c| c.peer)),
+        }
     }
 
     /// Before the peer has authenticated, a frame announcing a large payload ends the

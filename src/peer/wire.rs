@@ -18,7 +18,7 @@ use crate::storage::IoBuf;
 
 pub const MAGIC: u32 = 0x5442_4431; // "TBD1"
 /// Protocol version spoken by this build.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted: a 32 MiB data message plus its fixed fields.
 pub const MAX_PAYLOAD: u32 = (32 << 20) + 64;
@@ -61,6 +61,8 @@ pub enum WireError {
     BadCrc { stored: u32, computed: u32 },
     #[error("frame out of sequence: expected {expected}, got {got}")]
     BadSeq { expected: u64, got: u64 },
+    #[error("peer speaks protocol version {0}; this node speaks version {VERSION}")]
+    Version(u32),
     #[error("unknown message kind {0}")]
     UnknownKind(u16),
     #[error("malformed {kind} message: {reason}")]
@@ -77,6 +79,9 @@ pub struct Hello {
     pub node_id: u64,
     /// Exported size of the node's device.
     pub size: u64,
+    /// Bytes per bit of the node's dirty bitmap: bitmaps are exchanged word by word, so both
+    /// nodes must count in the same unit.
+    pub granularity: u32,
     pub resource: String,
     pub node: String,
     pub challenge: [u8; CHALLENGE_LEN],
@@ -302,6 +307,7 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
             put64(&mut f, h.session);
             put64(&mut f, h.node_id);
             put64(&mut f, h.size);
+            put32(&mut f, h.granularity);
             put_str(&mut f, &h.resource);
             put_str(&mut f, &h.node);
             f.extend_from_slice(&h.challenge);
@@ -474,11 +480,17 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
     let msg = match h.kind {
         kind::HELLO => {
             let version = r.u32()?;
+            // The version comes first and fixes the layout of the rest, so a peer of another
+            // version is told so plainly rather than as a malformed message.
+            if version != VERSION {
+                return Err(WireError::Version(version));
+            }
             let ch = r.u8()?;
             let channel = Channel::from_u8(ch).ok_or_else(|| r.bad(format!("channel {ch}")))?;
             let session = r.u64()?;
             let node_id = r.u64()?;
             let size = r.u64()?;
+            let granularity = r.u32()?;
             let resource = r.string()?;
             let node = r.string()?;
             let mut challenge = [0u8; CHALLENGE_LEN];
@@ -489,6 +501,7 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
                 session,
                 node_id,
                 size,
+                granularity,
                 resource,
                 node,
                 challenge,
