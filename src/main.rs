@@ -62,7 +62,8 @@ enum Command {
     Promote {
         #[command(flatten)]
         node: NodeArgs,
-        /// Promote even though the local disk is not known to be up to date.
+        /// Promote even though the local disk is not known to be up to date, or the peer is
+        /// connected and primary.
         #[arg(long)]
         force: bool,
     },
@@ -157,17 +158,18 @@ fn worker_threads() -> Result<usize, String> {
     }
 }
 
-/// Help and version go out as clap writes them. A command line that does not parse fails
-/// with exit status 2 and one line on stderr, like every other failure.
+/// Help and version go out as clap writes them. A command line that does not parse, or has
+/// no command, fails with exit status 2 and one line on stderr, like every other failure.
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
-        e.exit();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        // `twinbd` alone: clap would print the whole help on stderr.
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("twinbd: a command is required (see `twinbd --help`)");
+            return ExitCode::from(2);
+        }
+        _ => {}
     }
     eprintln!(
         "twinbd: {} (see `twinbd --help`)",

@@ -1298,7 +1298,8 @@ fn assert_refused(out: Output, word: &str) -> String {
 #[test]
 fn command_line_errors_are_one_line() {
     for args in [
-        &["status"][..],
+        &[][..],
+        &["status"],
         &["status", "-c", "/etc/twinbd/r0.toml", "--bogus"],
         &["promot", "-c", "/etc/twinbd/r0.toml"],
     ] {

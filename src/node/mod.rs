@@ -32,7 +32,7 @@ const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 const CLIENT_DRAIN: Duration = Duration::from_secs(30);
 /// A running resync gets an `events` line once this long has passed since the last one,
 /// progress or not; with the 250 ms checks of `watch_events`, no second passes without one.
-const RESYNC_EVENT_EVERY: Duration = Duration::from_millis(750);
+const RESYNC_EVENT_EVERY: Duration = Duration::from_millis(700);
 
 /// Where split-brain recovery files go when the disk's directory will not do.
 const DEFAULT_RECOVERY_DIR: &str = "/var/lib/twinbd";
