@@ -31,6 +31,9 @@ use crate::storage::{Backend, FileRange, IoBuf};
 /// How long a client may take to negotiate: a connection that says nothing holds one of the
 /// `MAX_CONNECTIONS` this long at most.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session that has sent its last reply waits for its client to close, reading
+/// and dropping what it still sends (`Transmission::discard_until_closed`).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Requests in flight per connection before the session stops reading more.
 const MAX_IN_FLIGHT: usize = 512;
 /// Payload bytes in flight per connection (reads and writes) before it stops reading more.
@@ -618,6 +621,9 @@ where
         // request finishing, replies taken by the client).
         let mut closed_at: Option<tokio::time::Instant> = None;
         let mut first_closed_at: Option<tokio::time::Instant> = None;
+        // Whether the session stopped reading while the client may still be sending (the
+        // export closed, or a request was malformed): its input must be drained at the end.
+        let mut stopped_early = false;
         loop {
             // Turn everything already buffered into requests before waiting on anything.
             if reading {
@@ -628,6 +634,7 @@ where
                     Err(e) => {
                         result = Err(e);
                         reading = false;
+                        stopped_early = true;
                     }
                 }
             }
@@ -748,6 +755,7 @@ where
                             ExportState::Open(e) if Arc::ptr_eq(e, &self.export));
                     if !still_ours {
                         tracing::info!("export closed: disconnecting NBD client");
+                        stopped_early = reading;
                         reading = false;
                         closed_at = Some(tokio::time::Instant::now());
                         first_closed_at = closed_at;
@@ -765,7 +773,26 @@ where
         }
         let _ = self.w.flush().await;
         let _ = self.w.shutdown().await;
+        if stopped_early {
+            self.discard_until_closed().await;
+        }
         result
+    }
+
+    /// After the last reply: reads and drops what the client still sends until it closes its
+    /// side, for `CLOSE_LINGER` at most. A TCP socket closed with unread input is reset, and
+    /// the reset drops the replies still queued in the kernel (a client slow to read them
+    /// would lose replies to requests that were done).
+    async fn discard_until_closed(&mut self) {
+        // A receive low-water mark left from a payload would hold back a short read.
+        if self.follow_low_water(&ReadState::Header).is_err() {
+            return;
+        }
+        let mut scratch = vec![0u8; 64 * 1024];
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while matches!(self.r.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
     }
 
     /// Sets the socket's receive low-water mark for the next read: the rest of a large write

@@ -574,6 +574,58 @@ async fn a_client_that_takes_no_replies_is_dropped_after_the_export_closes() {
     let _ = &h.export;
 }
 
+/// When the export closes, every reply to a request the session took reaches the client,
+/// followed by a clean end of stream, though the client sent more after the close: a TCP
+/// socket closed with unread input is reset, and a reset drops the replies still queued
+/// in the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_survive_the_close_of_a_connection_with_unread_requests() {
+    let h = harness(true);
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("tcp listener");
+    let mut c = tokio::net::TcpStream::connect(tcp.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (s, _) = tcp.accept().await.expect("accept");
+    let ctx = Arc::clone(&h.ctx);
+    let task = tokio::spawn(async move {
+        let (r, w) = s.into_split();
+        run_session(r, super::sink::SocketSink::new(w), &ctx).await
+    });
+    go(&mut c, false).await;
+    // 48 MiB of replies: more than the kernel buffers of both ends hold, so the last ones are
+    // still queued on the server's side when it has handed them all over and closes.
+    const READS: u64 = 48;
+    for cookie in 0..READS {
+        request(&mut c, CMD_READ, 0, cookie, 0, SIZE as u32, &[]).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    h.tx.send(ExportState::Closed("demoted".into()))
+        .expect("send");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // A request the session no longer reads.
+    request(&mut c, CMD_FLUSH, 0, READS, 0, 0, &[]).await;
+    let mut data = vec![0u8; SIZE as usize];
+    for _ in 0..READS {
+        let (cookie, err) = simple_reply(&mut c).await;
+        assert!(cookie < READS && err == 0, "reply {cookie}: error {err}");
+        c.read_exact(&mut data).await.expect("reply data");
+    }
+    assert_eq!(
+        c.read(&mut [0u8; 1])
+            .await
+            .expect("a clean end, not a reset"),
+        0
+    );
+    drop(c);
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("session ends")
+        .expect("join")
+        .expect("clean");
+}
+
 /// Large reads of cached data are spliced from the page cache on real sockets, interleaved
 /// with small replies from memory, in both reply formats, also when the client reads slowly
 /// (the socket fills and the sends are partial); every byte matches what was written.
