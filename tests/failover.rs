@@ -1776,6 +1776,62 @@ fn disk_failure_primary_goes_diskless() {
     assert_eq!(a["peer"]["disk"], "up_to_date", "{a:#}");
 }
 
+/// A primary that wrote while apart from its peer, then lost its disk, must not serve the
+/// peer's older data when the link returns: the writes it acknowledged were on its disk only.
+#[test]
+fn diskless_primary_refuses_a_peer_that_lacks_its_writes() {
+    let _g = shared();
+    let size = 32 * MIB;
+    let bad = (16 * MIB, MIB);
+    let pair = Pair::up_with(
+        PairOpts {
+            disk_size: size,
+            heartbeat_ms: Some(QUICK_HEARTBEAT),
+            ..PairOpts::default()
+        },
+        |_| PairExtras {
+            alpha_node: faults(bad),
+            ..PairExtras::default()
+        },
+    );
+    pair.alpha.cli(&["disconnect"]).ok();
+    pair.alpha
+        .wait_status("alpha standalone", Duration::from_secs(10), |s| {
+            s["connection"] == "standalone"
+        });
+    // Acknowledged by alpha alone, then alpha's disk fails.
+    let alone = vec![(0, random(64 * KIB, 1))];
+    write_blocks(&pair.alpha, &alone);
+    let mut c = client(&pair.alpha);
+    let e = c.write(bad.0, &random(4 * KIB, 2)).expect("write");
+    assert_ne!(e, 0, "a write to a failed disk with no peer must fail");
+    c.disconnect();
+    pair.alpha
+        .wait_status("alpha diskless", Duration::from_secs(10), |s| {
+            s["disk"] == "diskless"
+        });
+
+    pair.alpha.cli(&["connect"]).ok();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !pair.alpha.log().contains("lacks writes it acknowledged") {
+        assert!(
+            Instant::now() < deadline,
+            "alpha did not refuse beta's data: {:#}",
+            pair.alpha.status()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let a = pair.alpha.status();
+    assert_eq!(a["connection"], "standalone", "{a:#}");
+    // Beta's older copy of block 0 is not served as if it were alpha's.
+    let mut c = client(&pair.alpha);
+    match c.read(0, 64 * KIB as u32).expect("read") {
+        Ok(data) => assert_eq!(data, alone[0].1, "alpha served data it never acknowledged"),
+        Err(e) => assert_ne!(e, 0),
+    }
+    c.disconnect();
+}
+
 #[test]
 fn disk_failure_secondary_goes_diskless() {
     let _g = shared();

@@ -1490,7 +1490,29 @@ impl Replicator {
             }
             *lock(&peer.decision) = Some(Decision::NoData);
         } else if st.disk == DiskState::UpToDate as u8 {
-            // This node has no disk but the peer has the data: everything goes through it.
+            // This node has no disk; the peer's is up to date by its own account, but it holds
+            // what this node acknowledged only if the two did not part since (a write this node
+            // took alone moved its generation on, `start_tracking`). A secondary may also face
+            // a newer peer; a primary facing one is in a split brain.
+            let mine = lock(&self.meta).superblock().generations;
+            let newer_peer = st.bitmap == mine.current || st.history.contains(&mine.current);
+            let primary = self.primary.load(Ordering::SeqCst);
+            if st.current != mine.current && (primary || !newer_peer) {
+                let why = if newer_peer {
+                    "this node is primary without its disk and the peer holds newer data (split brain)"
+                } else {
+                    "this node has no disk and the peer lacks writes it acknowledged: they were on the failed disk only"
+                };
+                tracing::error!(peer = %peer.name, current = mine.current, peer_current = st.current, "refusing the peer's data: {why}");
+                *lock(&peer.decision) = Some(Decision::NoData);
+                peer.replicating.store(false, Ordering::SeqCst);
+                peer.decided.notify_waiters();
+                self.set_error(Some(why.into()));
+                self.enabled.send_replace(false);
+                self.drop_link(peer, why);
+                return true;
+            }
+            // Everything goes through the peer.
             *lock(&peer.decision) = Some(Decision::InSync);
             peer.replicating.store(true, Ordering::SeqCst);
         } else {
