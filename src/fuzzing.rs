@@ -1360,6 +1360,7 @@ pub fn sample_messages() -> Vec<Msg> {
             may_trim: true,
         },
         Msg::Flush { id: 4 },
+        Msg::Settle { id: 5 },
         Msg::Flushed { id: 4, errno: 0 },
         Msg::Ping { nonce: 77 },
         Msg::Pong { nonce: 77 },
@@ -1375,6 +1376,7 @@ pub fn sample_messages() -> Vec<Msg> {
         Msg::ResyncDone { current: 5 },
         Msg::Bye {
             reason: "shutdown".into(),
+            stable: true,
         },
         Msg::VerifyRequest {
             id: 3,

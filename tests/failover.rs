@@ -1971,6 +1971,76 @@ fn diskless_primary_under_protocol_a_waits_for_the_peer() {
     c.disconnect();
 }
 
+/// The peer confirms a write once it is in its page cache. Should it crash before writing
+/// it back, the write is gone from its disk: the primary must mark what no flush of the
+/// peer's disk covered when the link is lost, and copy it when the peer returns. Beta's
+/// flushes never finish here, so nothing it confirmed ever becomes stable.
+#[test]
+fn writes_the_peer_never_flushed_are_resynced_after_it_dies() {
+    let _g = shared();
+    let size = 32 * MIB;
+    let extras = |faulty: bool| PairExtras {
+        beta_node: if faulty {
+            "disk_faults = \"ops=flush,mode=hang\"\n".to_string()
+        } else {
+            String::new()
+        },
+        ..PairExtras::default()
+    };
+    let mut pair = pair_with_late_beta_faults(
+        PairOpts {
+            disk_size: size,
+            heartbeat_ms: Some(QUICK_HEARTBEAT),
+            ..PairOpts::default()
+        },
+        |_, faulty| extras(faulty),
+        "beta back with flushes that never finish",
+    );
+    let a = pair.alpha.status();
+    let resynced_before = num(&a, "stats.resynced_bytes_total");
+    assert_eq!(num(&a, "out_of_sync_bytes"), 0, "{a:#}");
+
+    // Confirmed by beta (protocol C), never flushed there; alpha's periodic request to
+    // flush them hangs on beta's disk.
+    let writes: Vec<(u64, Vec<u8>)> = (0..8u64)
+        .map(|i| (i * 3 * MIB + 64 * KIB, random(64 * KIB, 10 + i)))
+        .collect();
+    let n: u64 = writes.iter().map(|w| w.1.len() as u64).sum();
+    let mut c = client(&pair.alpha);
+    for (off, data) in &writes {
+        assert_eq!(c.write(*off, data).expect("write"), 0, "write at {off}");
+    }
+    c.disconnect();
+    thread::sleep(Duration::from_millis(1500));
+    let a = pair.alpha.status();
+    assert_eq!(a["connection"], "connected", "{a:#}");
+    assert_eq!(num(&a, "out_of_sync_bytes"), 0, "{a:#}");
+
+    // Beta dies with the writes in its page cache (a power loss would lose them).
+    pair.beta.kill();
+    let a = pair.alpha.wait_status(
+        "alpha marks what beta never flushed",
+        Duration::from_secs(10),
+        |s| s["connection"] != "connected" && num(s, "out_of_sync_bytes") >= n,
+    );
+    let slack = writes.len() as u64 * BLOCK;
+    assert!(
+        num(&a, "out_of_sync_bytes") <= n + slack,
+        "only the unflushed writes are marked: {a:#}"
+    );
+
+    // Beta returns (without the fault): the resync copies them.
+    pair.write_configs_with(&extras(false));
+    pair.beta.start();
+    let (a, _) = pair.wait_in_sync("beta back", Duration::from_secs(30));
+    let copied = num(&a, "stats.resynced_bytes_total") - resynced_before;
+    assert!(
+        (n..=n + slack).contains(&copied),
+        "the resync copied {copied} bytes; {n} were never flushed on beta: {a:#}"
+    );
+    pair.assert_disks_identical("after beta's return");
+}
+
 /// A secondary whose disk stops answering while the node itself answers pings: the
 /// primary's writes must not wait for it forever. After `ack_timeout_ms` the primary drops
 /// the link, marks what the peer did not confirm, and answers the write.

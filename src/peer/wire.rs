@@ -151,6 +151,12 @@ pub enum Msg {
     Flush {
         id: u64,
     },
+    /// Asks the peer to make durable every write it has confirmed (`Written`) and every resync
+    /// chunk it has acknowledged so far; answered by `Flushed` with the same id. Unlike
+    /// `Flush`, it orders nothing: writes arriving meanwhile go on.
+    Settle {
+        id: u64,
+    },
     Flushed {
         id: u64,
         errno: u32,
@@ -175,6 +181,9 @@ pub enum Msg {
     },
     Bye {
         reason: String,
+        /// Sent on the meta connection by a node that flushed its disk after its last
+        /// confirmation (`Written`, `ResyncAck`) left: everything it confirmed is durable.
+        stable: bool,
     },
     VerifyRequest {
         id: u64,
@@ -223,6 +232,7 @@ mod kind {
     pub const VERIFY_REPLY: u16 = 22;
     pub const READ_REQUEST: u16 = 23;
     pub const READ_REPLY: u16 = 24;
+    pub const SETTLE: u16 = 25;
 }
 
 impl Msg {
@@ -241,6 +251,7 @@ impl Msg {
             Msg::Trim { .. } => "trim",
             Msg::Zeroes { .. } => "zeroes",
             Msg::Flush { .. } => "flush",
+            Msg::Settle { .. } => "settle",
             Msg::Flushed { .. } => "flushed",
             Msg::Ping { .. } => "ping",
             Msg::Pong { .. } => "pong",
@@ -270,6 +281,7 @@ impl Msg {
             Msg::Trim { .. } => kind::TRIM,
             Msg::Zeroes { .. } => kind::ZEROES,
             Msg::Flush { .. } => kind::FLUSH,
+            Msg::Settle { .. } => kind::SETTLE,
             Msg::Flushed { .. } => kind::FLUSHED,
             Msg::Ping { .. } => kind::PING,
             Msg::Pong { .. } => kind::PONG,
@@ -314,7 +326,11 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
         }
         Msg::Auth { mac } => f.extend_from_slice(mac),
         Msg::Welcome | Msg::BitmapDone => {}
-        Msg::Refuse { reason } | Msg::Bye { reason } => put_str(&mut f, reason),
+        Msg::Refuse { reason } => put_str(&mut f, reason),
+        Msg::Bye { reason, stable } => {
+            put_str(&mut f, reason);
+            f.push(u8::from(*stable));
+        }
         Msg::State(s) => {
             f.push(u8::from(s.primary));
             f.push(s.disk);
@@ -340,7 +356,7 @@ pub fn encode(msg: &Msg, seq: u64) -> Vec<u8> {
             put64(&mut f, *offset);
             f.push(u8::from(*fua));
         }
-        Msg::Received { id } | Msg::Flush { id } => put64(&mut f, *id),
+        Msg::Received { id } | Msg::Flush { id } | Msg::Settle { id } => put64(&mut f, *id),
         Msg::Written { id, errno } | Msg::Flushed { id, errno } => {
             put64(&mut f, *id);
             put32(&mut f, *errno);
@@ -518,6 +534,7 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
         },
         kind::BYE => Msg::Bye {
             reason: r.string()?,
+            stable: r.u8()? != 0,
         },
         kind::STATE => {
             let primary = r.u8()? != 0;
@@ -575,6 +592,7 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
             may_trim: r.u8()? != 0,
         },
         kind::FLUSH => Msg::Flush { id: r.u64()? },
+        kind::SETTLE => Msg::Settle { id: r.u64()? },
         kind::FLUSHED => Msg::Flushed {
             id: r.u64()?,
             errno: r.u32()?,
@@ -716,12 +734,17 @@ mod tests {
         let f = encode(
             &Msg::Bye {
                 reason: reason.clone(),
+                stable: true,
             },
             7,
         );
         let h = decode_header(f[..HEADER_LEN].try_into().expect("header")).expect("header");
         let got = decode(&h, IoBuf::from(&f[HEADER_LEN..])).expect("a long reason decodes");
-        let Msg::Bye { reason: cut } = got else {
+        let Msg::Bye {
+            reason: cut,
+            stable: true,
+        } = got
+        else {
             panic!("decoded as {}", got.name())
         };
         assert_eq!(cut.len(), MAX_STR - 1);

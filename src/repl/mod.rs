@@ -16,7 +16,7 @@ pub mod conflict;
 pub mod decide;
 pub mod recovery;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,11 @@ const RESYNC_WINDOW: u64 = 32 << 20;
 const RESYNC_READ_AHEAD: usize = 16;
 /// Requests the peer applies at once before it stops reading more.
 const APPLY_MAX_IN_FLIGHT: usize = 1024;
+/// How often the primary asks its peer to flush what it confirmed since the last flush: what
+/// a lost link marks for a resync beyond the writes in flight (`Peer::unstable`).
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// How long a node ending the link on purpose waits for the peer's last flush.
+const SETTLE_AT_BYE: Duration = Duration::from_secs(2);
 /// Bytes of data the peer holds in requests being applied (written, read or verified)
 /// before it stops reading more.
 const APPLY_MAX_BYTES: usize = 256 << 20;
@@ -211,6 +216,19 @@ fn start_tracking(sb: &mut Superblock) {
     }
 }
 
+/// Sorts ranges and merges those that overlap or touch.
+fn coalesce(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (o, l) in ranges {
+        match out.last_mut() {
+            Some((lo, ll)) if o <= *lo + *ll => *ll = (*ll).max(o + l - *lo),
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
 /// Sync source, at the end of a pass: ends the resync if nothing is marked out of sync, and
 /// returns the generation to hand the target; `None` if another pass is needed.
 ///
@@ -352,8 +370,9 @@ impl DirtyMarker {
 struct PendingWrite {
     offset: u64,
     len: u64,
-    /// Keeps the write's extents in the activity log until the peer confirms it.
-    _hold: activity::Hold,
+    /// Keeps the write's extents in the activity log until the peer confirms it, or until
+    /// its range is marked out of sync once the link is lost.
+    hold: activity::Hold,
     /// Fires at the acknowledgement the write waits for: Received under protocol B, else
     /// Written; `None` under protocol A, or once fired.
     ack: Option<oneshot::Sender<u32>>,
@@ -367,7 +386,17 @@ struct PendingWrite {
 struct PeerInner {
     dead: bool,
     writes: HashMap<u64, PendingWrite>,
-    flushes: HashMap<u64, (Instant, oneshot::Sender<u32>)>,
+    /// Flushes and settles sent: id → (when, the epoch they cover, who waits).
+    flushes: HashMap<u64, (Instant, u64, Option<oneshot::Sender<u32>>)>,
+    /// What the peer has confirmed (writes, trims, zero-writes: `Written`; resync chunks:
+    /// `ResyncAck`) but no flush of its disk has covered yet, as (epoch, offset, length) in
+    /// the order confirmed. The peer confirms once the data is in its page cache: should it
+    /// crash before writing them back, these ranges are what it lost, so a lost link marks
+    /// them out of sync with the writes it never confirmed (`Peer::kill`).
+    unstable: VecDeque<(u64, u64, u64)>,
+    /// Counts the flushes sent: a confirmation received before flush number `e` was sent
+    /// carries an epoch of at most `e`, and that flush's success makes it stable.
+    epoch: u64,
     /// Resync chunks sent and not yet acknowledged: offset → (length, when, window permit).
     resync: HashMap<u64, (u64, Instant, OwnedSemaphorePermit)>,
     verifies: HashMap<u64, (Instant, oneshot::Sender<Vec<u32>>)>,
@@ -469,11 +498,38 @@ impl Peer {
     /// Tells the peer the link ends on purpose, on both connections: whichever of its loops
     /// sees the connection close first has read the goodbye before it.
     async fn say_bye(&self, reason: &str) {
+        self.say_bye_flushed(reason, None::<std::future::Ready<bool>>)
+            .await;
+    }
+
+    /// [`Self::say_bye`], first running `flush` (of this node's disk) while no confirmation
+    /// can leave on the meta connection: if it succeeds, the goodbye says that everything
+    /// this node confirmed is durable, and the peer has nothing to mark for it.
+    async fn say_bye_flushed(
+        &self,
+        reason: &str,
+        flush: Option<impl std::future::Future<Output = bool>>,
+    ) {
+        let limit = Duration::from_millis(500);
+        let _ = tokio::time::timeout(limit + SETTLE_AT_BYE, async {
+            let mut w = self.meta.lock().await;
+            let stable = match flush {
+                Some(f) => tokio::time::timeout(SETTLE_AT_BYE, f)
+                    .await
+                    .unwrap_or(false),
+                None => false,
+            };
+            let bye = Msg::Bye {
+                reason: reason.to_string(),
+                stable,
+            };
+            tokio::time::timeout(limit, w.send(&bye)).await
+        })
+        .await;
         let bye = Msg::Bye {
             reason: reason.to_string(),
+            stable: false,
         };
-        let limit = Duration::from_millis(500);
-        let _ = tokio::time::timeout(limit, self.send_meta(&bye)).await;
         let _ = tokio::time::timeout(limit, self.send_data(&bye)).await;
     }
 
@@ -493,6 +549,43 @@ impl Peer {
             .send(msg)
             .await
             .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
+    }
+
+    /// Registers a flush or settle of the peer's disk; `None` if the link is already dead.
+    /// Its success makes stable what the peer confirmed before it was sent.
+    fn start_flush(&self, waiter: Option<oneshot::Sender<u32>>) -> Option<u64> {
+        let mut g = lock(&self.inner);
+        if g.dead {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let covers = g.epoch;
+        g.epoch += 1;
+        g.flushes.insert(id, (Instant::now(), covers, waiter));
+        Some(id)
+    }
+
+    /// The peer's answer to a flush or settle.
+    fn flushed(&self, id: u64, errno: u32) {
+        let mut g = lock(&self.inner);
+        let Some((_, covers, waiter)) = g.flushes.remove(&id) else {
+            return;
+        };
+        if errno == 0 {
+            while g.unstable.front().is_some_and(|u| u.0 <= covers) {
+                g.unstable.pop_front();
+            }
+        }
+        drop(g);
+        if let Some(tx) = waiter {
+            let _ = tx.send(errno);
+        }
+    }
+
+    /// Whether the peer confirmed something no flush covers yet, and no flush is on its way.
+    fn needs_settle(&self) -> bool {
+        let g = lock(&self.inner);
+        !g.dead && !g.unstable.is_empty() && g.flushes.is_empty()
     }
 
     /// Registers a replicated write; `None` if the link is already dead.
@@ -520,7 +613,7 @@ impl Peer {
             PendingWrite {
                 offset,
                 len,
-                _hold: hold,
+                hold,
                 ack,
                 on_received: protocol == Protocol::B,
                 since: Instant::now(),
@@ -529,9 +622,11 @@ impl Peer {
         Some((id, rx))
     }
 
-    /// Marks the link dead; returns the ranges of writes the peer never confirmed and whose
-    /// submitters no longer wait (they must be marked out of sync by someone).
-    fn kill(&self) -> Vec<(u64, u64)> {
+    /// Marks the link dead; returns what must now be marked out of sync by someone: writes
+    /// the peer never confirmed and whose submitters no longer wait, each with its activity
+    /// log hold (released once the mark is on disk), and everything the peer confirmed that
+    /// no flush of its disk has covered.
+    fn kill(&self) -> Vec<(u64, u64, Option<activity::Hold>)> {
         let mut g = lock(&self.inner);
         g.dead = true;
         self.replicating.store(false, Ordering::SeqCst);
@@ -539,9 +634,10 @@ impl Peer {
         for (_, w) in g.writes.drain() {
             // A waiting submitter sees its sender dropped and marks the range itself.
             if w.ack.is_none() {
-                orphans.push((w.offset, w.len));
+                orphans.push((w.offset, w.len, Some(w.hold)));
             }
         }
+        orphans.extend(g.unstable.drain(..).map(|(_, o, l)| (o, l, None)));
         g.flushes.clear();
         g.resync.clear();
         g.verifies.clear();
@@ -627,6 +723,10 @@ pub struct Replicator {
     events: mpsc::UnboundedSender<ReplEvent>,
     /// Marking of the writes a dead link left unconfirmed; the next link waits for it.
     orphan_marks: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Lost links whose unconfirmed ranges are being marked (incremented before the link is
+    /// killed), and how many of those markings are done (they finish in order).
+    marks_started: AtomicU64,
+    marks_done: watch::Sender<u64>,
     /// A resync is running on this node (as source).
     resyncing: AtomicBool,
     /// Set by `connect --discard-my-data`: this node gives up its data in a split brain.
@@ -676,6 +776,8 @@ impl Replicator {
             changed,
             events,
             orphan_marks: Mutex::new(None),
+            marks_started: AtomicU64::new(0),
+            marks_done: watch::Sender::new(0),
             resyncing: AtomicBool::new(false),
             discard_my_data: AtomicBool::new(false),
             recovery: Mutex::new(None),
@@ -883,7 +985,9 @@ impl Replicator {
     pub async fn disconnect(&self) {
         self.enabled.send_replace(false);
         if let Some(p) = self.current_peer() {
-            p.say_bye("disconnected by the operator").await;
+            Self::settle_before_bye(&p).await;
+            p.say_bye_flushed("disconnected by the operator", Some(self.flush_for_bye()))
+                .await;
             self.drop_link(&p, "disconnected by the operator");
         }
     }
@@ -896,9 +1000,13 @@ impl Replicator {
     pub async fn shutdown(&self) {
         self.enabled.send_replace(false);
         if let Some(p) = self.current_peer() {
-            p.say_bye("node shutting down").await;
+            Self::settle_before_bye(&p).await;
+            p.say_bye_flushed("node shutting down", Some(self.flush_for_bye()))
+                .await;
             self.drop_link(&p, "node shutting down");
         }
+        // The metadata is marked clean after this: every mark the link's end calls for first.
+        self.unconfirmed_marked().await;
     }
 
     fn drop_link(&self, p: &Arc<Peer>, why: &str) {
@@ -913,6 +1021,8 @@ impl Replicator {
             && (*lock(&p.state)).is_some_and(|s| s.primary)
             && *lock(&p.decision) == Some(Decision::InSync);
         let silent = p.silent_for();
+        // Counted before the kill: a flush that sees the link die waits for these marks.
+        let seq = self.marks_started.fetch_add(1, Ordering::SeqCst) + 1;
         let orphans = p.kill();
         let _ = self.events.send(ReplEvent::PeerLost {
             standby_of_primary,
@@ -927,22 +1037,48 @@ impl Replicator {
         }
         lock(&self.view).resync = None;
         self.set_error(Some(why.to_string()));
-        if !orphans.is_empty() {
-            let me = self.marker_handle();
-            let task = tokio::spawn(async move {
-                let marks = orphans.into_iter().map(|(o, l)| {
-                    let me = &me;
-                    async move {
-                        if let Err(e) = me.mark(o, l).await {
-                            tracing::error!(error = %e, "cannot mark unconfirmed writes out of sync");
-                        }
+        // Marked in the order links died; an activity log hold is released only once its
+        // range is marked on disk, so a crash meanwhile still finds it in the log.
+        let me = self.marker_handle();
+        let before = lock(&self.orphan_marks).take();
+        let done = self.marks_done.clone();
+        let task = tokio::spawn(async move {
+            if let Some(t) = before {
+                let _ = t.await;
+            }
+            let mut holds = Vec::new();
+            let mut ranges = Vec::with_capacity(orphans.len());
+            for (o, l, hold) in orphans {
+                ranges.push((o, l));
+                holds.extend(hold);
+            }
+            let marks = coalesce(ranges).into_iter().map(|(o, l)| {
+                let me = &me;
+                async move {
+                    if let Err(e) = me.mark(o, l).await {
+                        tracing::error!(error = %e, "cannot mark unconfirmed writes out of sync");
                     }
-                });
-                futures_util::future::join_all(marks).await;
+                }
             });
-            *lock(&self.orphan_marks) = Some(task);
-        }
+            futures_util::future::join_all(marks).await;
+            drop(holds);
+            done.send_modify(|d| *d = (*d).max(seq));
+        });
+        *lock(&self.orphan_marks) = Some(task);
         self.changed.notify_one();
+    }
+
+    /// Flushes this node's disk for a goodbye; true if it worked.
+    async fn flush_for_bye(&self) -> bool {
+        !self.health.diskless() && self.local(self.disk.flush()).await.is_ok()
+    }
+
+    /// Returns once the ranges of every link lost so far that the peer did not confirm, or
+    /// confirmed without a flush since, are marked out of sync on disk.
+    async fn unconfirmed_marked(&self) {
+        let target = self.marks_started.load(Ordering::SeqCst);
+        let mut rx = self.marks_done.subscribe();
+        let _ = rx.wait_for(|d| *d >= target).await;
     }
 
     fn marker_handle(&self) -> DirtyMarker {
@@ -1143,6 +1279,10 @@ impl Replicator {
             let p = Arc::clone(&peer);
             tasks.spawn(async move { me.copy_late_marks(p).await });
         }
+        {
+            let p = Arc::clone(&peer);
+            tasks.spawn(async move { Self::settle_peer(p).await });
+        }
         let why = match sent {
             Err(e) => e,
             Ok(()) => {
@@ -1217,6 +1357,47 @@ impl Replicator {
         });
     }
 
+    /// Every `SETTLE_EVERY`, asks the peer to flush what it has confirmed since the last
+    /// flush, so that a lost link marks at most that much for a resync (`Peer::kill`).
+    async fn settle_peer(peer: Arc<Peer>) -> Result<(), String> {
+        let mut closed = peer.closed.subscribe();
+        let mut tick = tokio::time::interval(SETTLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = closed.wait_for(|c| *c) => return Ok(()),
+            }
+            if peer.needs_settle() {
+                if let Some(id) = peer.start_flush(None) {
+                    peer.send_data(&Msg::Settle { id }).await?;
+                }
+            }
+        }
+    }
+
+    /// Asks the peer to flush everything it has confirmed, and waits for its answer.
+    async fn settle(peer: &Peer) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let id = peer
+            .start_flush(Some(tx))
+            .ok_or_else(|| "link lost".to_string())?;
+        peer.send_data(&Msg::Settle { id }).await?;
+        match rx.await {
+            Ok(0) => Ok(()),
+            Ok(errno) => Err(format!("the peer could not flush its disk (errno {errno})")),
+            Err(_) => Err("link lost while the peer flushed its disk".into()),
+        }
+    }
+
+    /// [`Self::settle`], briefly, if there is anything to settle: a link ended on purpose
+    /// then leaves nothing to resync.
+    async fn settle_before_bye(peer: &Peer) {
+        if peer.needs_settle() {
+            let _ = tokio::time::timeout(SETTLE_AT_BYE, Self::settle(peer)).await;
+        }
+    }
+
     /// Pings every `interval`, and ends the link the moment `timeout` has passed without any
     /// frame from the peer (the deadline is tracked exactly, not at ping ticks).
     async fn heartbeat(self: Arc<Self>, peer: Arc<Peer>) -> Result<(), String> {
@@ -1282,7 +1463,15 @@ impl Replicator {
                     }
                 }
                 Msg::Written { id, errno } => {
-                    let w = lock(&peer.inner).writes.remove(&id);
+                    let w = {
+                        let mut g = lock(&peer.inner);
+                        let w = g.writes.remove(&id);
+                        if let Some(w) = w.as_ref().filter(|_| errno == 0) {
+                            let e = g.epoch;
+                            g.unstable.push_back((e, w.offset, w.len));
+                        }
+                        w
+                    };
                     match w {
                         Some(PendingWrite { ack: Some(tx), .. }) => {
                             let _ = tx.send(errno);
@@ -1297,11 +1486,7 @@ impl Replicator {
                         None => {}
                     }
                 }
-                Msg::Flushed { id, errno } => {
-                    if let Some((_, tx)) = lock(&peer.inner).flushes.remove(&id) {
-                        let _ = tx.send(errno);
-                    }
-                }
+                Msg::Flushed { id, errno } => peer.flushed(id, errno),
                 Msg::ResyncAck { offset, len, errno } => {
                     self.resync_acked(&peer, offset, len, errno)?
                 }
@@ -1324,8 +1509,12 @@ impl Replicator {
                         let _ = tx.send(crcs);
                     }
                 }
-                Msg::Bye { reason } => {
+                Msg::Bye { reason, stable } => {
                     peer.said_bye.store(true, Ordering::SeqCst);
+                    if stable {
+                        // Every confirmation came before the goodbye on this connection.
+                        lock(&peer.inner).unstable.clear();
+                    }
                     return Err(format!("peer said goodbye: {reason}"));
                 }
                 other => {
@@ -1853,6 +2042,16 @@ impl Replicator {
                     Ok(Some(Msg::Flushed { id, errno }))
                 })))
             }
+            Msg::Settle { id } => {
+                // Covers what this node has already confirmed (its `Written` and `ResyncAck`
+                // went out after the data reached the page cache): no ticket, nothing waits.
+                let me = Arc::clone(self);
+                Ok(Some(Box::pin(async move {
+                    let res = me.local(me.disk.flush()).await;
+                    let errno = res.map_or_else(|e| e.errno() as u32, |_| 0);
+                    Ok(Some(Msg::Flushed { id, errno }))
+                })))
+            }
             Msg::ResyncData { offset, data } => {
                 writable()?;
                 self.expect_resync_target(peer, "resync data")?;
@@ -1957,7 +2156,7 @@ impl Replicator {
                     Ok(Some(Msg::VerifyReply { id, crcs }))
                 })))
             }
-            Msg::Bye { reason } => {
+            Msg::Bye { reason, .. } => {
                 peer.said_bye.store(true, Ordering::SeqCst);
                 Self::let_meta_finish(peer).await;
                 Err(format!("peer said goodbye: {reason}"))
@@ -2099,8 +2298,14 @@ impl Replicator {
         len: u64,
         errno: u32,
     ) -> Result<(), String> {
-        // Only a chunk this node sent, as long as it sent it, is acknowledged.
-        let entry = lock(&peer.inner).resync.remove(&offset);
+        // Only a chunk this node sent, as long as it sent it, is acknowledged. The clear
+        // happens under the link's lock: once the link is dead nothing is cleared, so the
+        // marks its death makes (of this chunk, and of a newer write over it) stay.
+        let mut g = lock(&peer.inner);
+        if g.dead {
+            return Ok(());
+        }
+        let entry = g.resync.remove(&offset);
         match &entry {
             Some((sent, _, _)) if *sent == len => {}
             Some((sent, _, _)) => {
@@ -2120,7 +2325,11 @@ impl Replicator {
                 "peer failed to write resync data at {offset} (+{len}): errno {errno}"
             ));
         }
+        // In the peer's page cache: stable once a flush of its disk covers it.
+        let e = g.epoch;
+        g.unstable.push_back((e, offset, len));
         lock(&self.meta).clear_clean_lazy(offset, len);
+        drop(g);
         self.resynced.fetch_add(len, Ordering::Relaxed);
         if let Some(p) = lock(&self.view).resync.as_mut() {
             p.copied(len);
@@ -2423,6 +2632,9 @@ impl Replicator {
         let current = loop {
             passes += 1;
             self.resync_pass(peer, &mut pace).await?;
+            // What the target acknowledged is in its page cache: the resync is done only once
+            // its disk holds it (else a crash of the target could lose it after all).
+            Self::settle(peer).await?;
             // Finish only if nothing is marked (see `finish_source`).
             let m = Arc::clone(&self.meta);
             let finished = tokio::task::spawn_blocking(move || finish_source(&mut lock(&m)))
@@ -2799,20 +3011,20 @@ impl Backend for ReplicatedDisk {
         let Some(r) = &self.repl else {
             return without_peer("there is no peer");
         };
+        // With the link lost, what the peer confirmed but never flushed may be gone with it:
+        // the flush succeeds on the local disk once those ranges are marked on disk.
         let Some(p) = r.replicating_peer().await else {
+            r.unconfirmed_marked().await;
             return without_peer("there is no peer");
         };
         let (tx, rx) = oneshot::channel();
-        let id = p.next_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut g = lock(&p.inner);
-            if g.dead {
-                return without_peer("the link to the peer was lost");
-            }
-            g.flushes.insert(id, (Instant::now(), tx));
-        }
+        let Some(id) = p.start_flush(Some(tx)) else {
+            r.unconfirmed_marked().await;
+            return without_peer("the link to the peer was lost");
+        };
         if let Err(e) = p.send_data(&Msg::Flush { id }).await {
             r.drop_link(&p, &e);
+            r.unconfirmed_marked().await;
             return without_peer("the link to the peer was lost");
         }
         // A lost link leaves the peer to be resynced; the local flush is what was promised
@@ -2826,7 +3038,10 @@ impl Backend for ReplicatedDisk {
                 0,
                 "the local disk failed and the peer did not flush",
             )),
-            _ => Ok(()),
+            _ => {
+                r.unconfirmed_marked().await;
+                Ok(())
+            }
         }
     }
 

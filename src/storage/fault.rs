@@ -5,7 +5,9 @@
 //!
 //! * `after=N`: the first N operations succeed, every later one fails;
 //! * `ranges=A+L;B+M`: operations touching `[A, A+L)` or `[B, B+M)` fail (byte offsets);
-//! * `ops=read|write|all`: which operations may fail (default `all`; flush counts as a write);
+//! * `ops=read|write|flush|all`: which operations may fail (default `all`; with `write`, a
+//!   flush counts as a write; `flush` alone, needing no `after` or `ranges`, fails every
+//!   flush and nothing else: a disk whose written data never becomes durable);
 //! * `mode=error|hang`: a failing operation returns `EIO`, as a dying disk reports it
 //!   (default), or never completes, as a stuck device.
 //!
@@ -22,6 +24,7 @@ pub struct FaultSpec {
     pub ranges: Vec<(u64, u64)>,
     pub reads: bool,
     pub writes: bool,
+    pub flushes: bool,
     /// Failing operations never complete instead of returning `EIO`.
     pub hang: bool,
 }
@@ -41,9 +44,10 @@ impl fmt::Display for FaultSpec {
             parts.push(format!("ranges={}", r.join(";")));
         }
         parts.push(
-            match (self.reads, self.writes) {
-                (true, false) => "ops=read",
-                (false, true) => "ops=write",
+            match (self.reads, self.writes, self.flushes) {
+                (true, false, false) => "ops=read",
+                (false, true, _) => "ops=write",
+                (false, false, true) => "ops=flush",
                 _ => "ops=all",
             }
             .to_string(),
@@ -64,6 +68,7 @@ impl FromStr for FaultSpec {
             ranges: Vec::new(),
             reads: true,
             writes: true,
+            flushes: true,
             hang: false,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -95,11 +100,12 @@ impl FromStr for FaultSpec {
                     }
                 }
                 "ops" => {
-                    (spec.reads, spec.writes) = match v.trim() {
-                        "read" => (true, false),
-                        "write" => (false, true),
-                        "all" => (true, true),
-                        o => return Err(format!("ops={o}: expected read, write or all")),
+                    (spec.reads, spec.writes, spec.flushes) = match v.trim() {
+                        "read" => (true, false, false),
+                        "write" => (false, true, true),
+                        "flush" => (false, false, true),
+                        "all" => (true, true, true),
+                        o => return Err(format!("ops={o}: expected read, write, flush or all")),
                     }
                 }
                 "mode" => {
@@ -116,11 +122,20 @@ impl FromStr for FaultSpec {
                 }
             }
         }
-        if spec.after_ops.is_none() && spec.ranges.is_empty() {
+        let flushes_only = spec.flushes && !spec.reads && !spec.writes;
+        if spec.after_ops.is_none() && spec.ranges.is_empty() && !flushes_only {
             return Err("nothing to inject: give after=N and/or ranges=OFFSET+LENGTH".into());
         }
         Ok(spec)
     }
+}
+
+/// The kinds of operation a spec selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultOp {
+    Read,
+    Write,
+    Flush,
 }
 
 /// A live injector: the spec and an operation counter.
@@ -144,9 +159,17 @@ impl Faults {
     }
 
     /// Whether this operation fails.
-    pub fn fails(&self, write: bool, offset: u64, len: u64) -> bool {
-        if (write && !self.spec.writes) || (!write && !self.spec.reads) {
+    pub fn fails(&self, op: FaultOp, offset: u64, len: u64) -> bool {
+        let enabled = match op {
+            FaultOp::Read => self.spec.reads,
+            FaultOp::Write => self.spec.writes,
+            FaultOp::Flush => self.spec.flushes,
+        };
+        if !enabled {
             return false;
+        }
+        if op == FaultOp::Flush && !self.spec.reads && !self.spec.writes {
+            return true;
         }
         let n = self.ops.fetch_add(1, Ordering::Relaxed);
         if self.spec.after_ops.is_some_and(|after| n >= after) {
@@ -168,17 +191,31 @@ mod tests {
     fn parse_and_apply() {
         let s: FaultSpec = "after=2,ops=write".parse().expect("parse");
         let f = Faults::new(s.clone());
-        assert!(!f.fails(false, 0, 1), "reads never fail with ops=write");
-        assert!(!f.fails(true, 0, 1));
-        assert!(!f.fails(true, 0, 1));
-        assert!(f.fails(true, 0, 1));
+        assert!(
+            !f.fails(FaultOp::Read, 0, 1),
+            "reads never fail with ops=write"
+        );
+        assert!(!f.fails(FaultOp::Write, 0, 1));
+        assert!(!f.fails(FaultOp::Write, 0, 1));
+        assert!(f.fails(FaultOp::Write, 0, 1));
         assert_eq!(s.to_string(), "after=2,ops=write");
         let r: FaultSpec = "ranges=4096+4096;1048576+512".parse().expect("parse");
         let f = Faults::new(r);
-        assert!(!f.fails(false, 0, 4096));
-        assert!(f.fails(false, 8191, 1));
-        assert!(f.fails(true, 1048000, 1000));
-        assert!(!f.fails(true, 1048576 + 512, 10));
+        assert!(!f.fails(FaultOp::Read, 0, 4096));
+        assert!(f.fails(FaultOp::Read, 8191, 1));
+        assert!(f.fails(FaultOp::Write, 1048000, 1000));
+        assert!(!f.fails(FaultOp::Write, 1048576 + 512, 10));
+        // Flushes alone: every one fails, nothing else does.
+        let fl: FaultSpec = "ops=flush,mode=hang".parse().expect("parse");
+        assert_eq!(fl.to_string(), "ops=flush,mode=hang");
+        let f = Faults::new(fl);
+        assert!(f.fails(FaultOp::Flush, 0, 0));
+        assert!(f.fails(FaultOp::Flush, 0, 0));
+        assert!(!f.fails(FaultOp::Write, 0, 4096));
+        assert!(!f.fails(FaultOp::Read, 0, 4096));
+        // With ops=write a flush counts as a write.
+        let w = Faults::new("after=0,ops=write".parse().expect("parse"));
+        assert!(w.fails(FaultOp::Flush, 0, 0));
         for bad in ["", "after=x", "ranges=5", "ops=some", "what=1", "ranges=1+"] {
             assert!(bad.parse::<FaultSpec>().is_err(), "{bad:?}");
         }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 pub use buf::IoBuf;
 pub use cached::FileRange;
+use fault::FaultOp;
 pub use fault::{FaultSpec, Faults};
 pub use sync::SyncBackend;
 pub use uring::UringBackend;
@@ -206,7 +207,7 @@ impl Disk {
         let Some(direct) = disk.direct.clone().filter(|_| direct_aligned(offset, len)) else {
             return self.write(offset, data, false).await;
         };
-        self.check(true, "write", offset, len).await?;
+        self.check(FaultOp::Write, "write", offset, len).await?;
         disk.check_range("write", offset, len)?;
         tokio::task::spawn_blocking(move || {
             write_direct_blocking(&direct, &disk.file, offset, &data)
@@ -227,7 +228,8 @@ impl Disk {
         }) else {
             return self.read(offset, len).await;
         };
-        self.check(false, "read", offset, len as u64).await?;
+        self.check(FaultOp::Read, "read", offset, len as u64)
+            .await?;
         disk.check_range("read", offset, len as u64)?;
         tokio::task::spawn_blocking(move || read_direct_blocking(&direct, &disk.file, offset, len))
             .await
@@ -248,9 +250,9 @@ impl Disk {
     }
 
     /// An injected fault for this operation, if any: `EIO`, or (mode `hang`) no answer ever.
-    async fn check(&self, write: bool, op: &'static str, offset: u64, len: u64) -> Result<()> {
+    async fn check(&self, kind: FaultOp, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match &self.faults {
-            Some(f) if f.fails(write, offset, len) => {
+            Some(f) if f.fails(kind, offset, len) => {
                 if f.hangs() {
                     std::future::pending::<()>().await;
                 }
@@ -314,35 +316,38 @@ impl Backend for Disk {
         }
     }
     async fn read(&self, offset: u64, len: usize) -> Result<IoBuf> {
-        self.check(false, "read", offset, len as u64).await?;
+        self.check(FaultOp::Read, "read", offset, len as u64)
+            .await?;
         match &self.engine {
             Engine::Uring(b) => b.read(offset, len).await,
             Engine::Sync(b) => b.read(offset, len).await,
         }
     }
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<()> {
-        self.check(true, "write", offset, data.len() as u64).await?;
+        self.check(FaultOp::Write, "write", offset, data.len() as u64)
+            .await?;
         match &self.engine {
             Engine::Uring(b) => b.write(offset, data, fua).await,
             Engine::Sync(b) => b.write(offset, data, fua).await,
         }
     }
     async fn flush(&self) -> Result<()> {
-        self.check(true, "flush", 0, 0).await?;
+        self.check(FaultOp::Flush, "flush", 0, 0).await?;
         match &self.engine {
             Engine::Uring(b) => b.flush().await,
             Engine::Sync(b) => b.flush().await,
         }
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(true, "trim", offset, len).await?;
+        self.check(FaultOp::Write, "trim", offset, len).await?;
         match &self.engine {
             Engine::Uring(b) => b.trim(offset, len).await,
             Engine::Sync(b) => b.trim(offset, len).await,
         }
     }
     async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
-        self.check(true, "write_zeroes", offset, len).await?;
+        self.check(FaultOp::Write, "write_zeroes", offset, len)
+            .await?;
         match &self.engine {
             Engine::Uring(b) => b.write_zeroes(offset, len, may_trim).await,
             Engine::Sync(b) => b.write_zeroes(offset, len, may_trim).await,
