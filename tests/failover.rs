@@ -2000,8 +2000,8 @@ fn writes_the_peer_never_flushed_are_resynced_after_it_dies() {
     let resynced_before = num(&a, "stats.resynced_bytes_total");
     assert_eq!(num(&a, "out_of_sync_bytes"), 0, "{a:#}");
 
-    // Confirmed by beta (protocol C), never flushed there; alpha's periodic request to
-    // flush them hangs on beta's disk.
+    // Confirmed by beta (protocol C), never flushed there: no client flush, and any request
+    // of alpha's to flush them hangs on beta's disk.
     let writes: Vec<(u64, Vec<u8>)> = (0..8u64)
         .map(|i| (i * 3 * MIB + 64 * KIB, random(64 * KIB, 10 + i)))
         .collect();

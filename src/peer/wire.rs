@@ -532,10 +532,15 @@ pub fn decode_split(h: &Header, fixed: &[u8], data: IoBuf) -> Result<Msg, WireEr
         kind::REFUSE => Msg::Refuse {
             reason: r.string()?,
         },
-        kind::BYE => Msg::Bye {
-            reason: r.string()?,
-            stable: r.u8()? != 0,
-        },
+        kind::BYE => {
+            let reason = r.string()?;
+            let stable = match r.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(r.bad(format!("stable flag {v}"))),
+            };
+            Msg::Bye { reason, stable }
+        }
         kind::STATE => {
             let primary = r.u8()? != 0;
             let disk = r.u8()?;

@@ -26,6 +26,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::bitmap::Bitmap;
 use crate::config::{AfterSplitBrain, Protocol};
 use crate::meta::{DiskState, MetaStore, Superblock};
 use crate::peer::link::{
@@ -47,7 +48,10 @@ const RESYNC_READ_AHEAD: usize = 16;
 const APPLY_MAX_IN_FLIGHT: usize = 1024;
 /// How often the primary asks its peer to flush what it confirmed since the last flush: what
 /// a lost link marks for a resync beyond the writes in flight (`Peer::unstable`).
-const SETTLE_EVERY: Duration = Duration::from_secs(1);
+const SETTLE_EVERY: Duration = Duration::from_secs(30);
+/// The unit in which a link remembers what its peer confirmed and has not flushed: a lost
+/// link marks whole chunks, and a device of 1 TiB needs 2 MiB per epoch to track them.
+const UNSTABLE_CHUNK: u32 = 64 * 1024;
 /// How long a node ending the link on purpose waits for the peer's last flush.
 const SETTLE_AT_BYE: Duration = Duration::from_secs(2);
 /// Bytes of data the peer holds in requests being applied (written, read or verified)
@@ -389,11 +393,11 @@ struct PeerInner {
     /// Flushes and settles sent: id → (when, the epoch they cover, who waits).
     flushes: HashMap<u64, (Instant, u64, Option<oneshot::Sender<u32>>)>,
     /// What the peer has confirmed (writes, trims, zero-writes: `Written`; resync chunks:
-    /// `ResyncAck`) but no flush of its disk has covered yet, as (epoch, offset, length) in
-    /// the order confirmed. The peer confirms once the data is in its page cache: should it
-    /// crash before writing them back, these ranges are what it lost, so a lost link marks
-    /// them out of sync with the writes it never confirmed (`Peer::kill`).
-    unstable: VecDeque<(u64, u64, u64)>,
+    /// `ResyncAck`) but no flush of its disk has covered yet: per epoch, oldest first, the
+    /// `UNSTABLE_CHUNK`s it touched. The peer confirms once the data is in its page cache:
+    /// should it crash before writing them back, these chunks are what it lost, so a lost
+    /// link marks them out of sync with the writes it never confirmed (`Peer::kill`).
+    unstable: VecDeque<(u64, Bitmap)>,
     /// Counts the flushes sent: a confirmation received before flush number `e` was sent
     /// carries an epoch of at most `e`, and that flush's success makes it stable.
     epoch: u64,
@@ -430,6 +434,8 @@ struct Peer {
     id: u64,
     /// The peer ended the link on purpose (shutdown, disconnect): not a death.
     said_bye: AtomicBool,
+    /// Size of the replicated device.
+    device_size: u64,
 }
 
 impl Peer {
@@ -551,6 +557,19 @@ impl Peer {
             .map_err(|e| format!("sending {} to the peer: {e}", msg.name()))
     }
 
+    /// Records that the peer confirmed `[offset, offset+len)`: stable once a flush sent
+    /// after this covers it.
+    fn confirmed(&self, g: &mut PeerInner, offset: u64, len: u64) {
+        let epoch = g.epoch;
+        if g.unstable.back().is_none_or(|(e, _)| *e != epoch) {
+            g.unstable
+                .push_back((epoch, Bitmap::new(self.device_size, UNSTABLE_CHUNK)));
+        }
+        if let Some((_, chunks)) = g.unstable.back_mut() {
+            chunks.set_range(offset, len);
+        }
+    }
+
     /// Registers a flush or settle of the peer's disk; `None` if the link is already dead.
     /// Its success makes stable what the peer confirmed before it was sent.
     fn start_flush(&self, waiter: Option<oneshot::Sender<u32>>) -> Option<u64> {
@@ -637,7 +656,9 @@ impl Peer {
                 orphans.push((w.offset, w.len, Some(w.hold)));
             }
         }
-        orphans.extend(g.unstable.drain(..).map(|(_, o, l)| (o, l, None)));
+        for (_, chunks) in g.unstable.drain(..) {
+            orphans.extend(chunks.iter_dirty_runs().map(|(o, l)| (o, l, None)));
+        }
         g.flushes.clear();
         g.resync.clear();
         g.verifies.clear();
@@ -1241,6 +1262,7 @@ impl Replicator {
             name: self.set.link.peer.clone(),
             id: data.peer.node_id,
             said_bye: AtomicBool::new(false),
+            device_size: self.size,
         });
         peer.touch();
         *lock(&self.peer) = Some(Arc::clone(&peer));
@@ -1467,8 +1489,7 @@ impl Replicator {
                         let mut g = lock(&peer.inner);
                         let w = g.writes.remove(&id);
                         if let Some(w) = w.as_ref().filter(|_| errno == 0) {
-                            let e = g.epoch;
-                            g.unstable.push_back((e, w.offset, w.len));
+                            peer.confirmed(&mut g, w.offset, w.len);
                         }
                         w
                     };
@@ -2326,8 +2347,7 @@ impl Replicator {
             ));
         }
         // In the peer's page cache: stable once a flush of its disk covers it.
-        let e = g.epoch;
-        g.unstable.push_back((e, offset, len));
+        peer.confirmed(&mut g, offset, len);
         lock(&self.meta).clear_clean_lazy(offset, len);
         drop(g);
         self.resynced.fetch_add(len, Ordering::Relaxed);
