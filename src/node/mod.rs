@@ -479,18 +479,30 @@ impl Node {
         if let Some(r) = &self.repl {
             r.shutdown().await;
         }
-        if let Err(e) = self.disk.flush().await {
-            tracing::error!(error = %e, "final flush failed");
-        }
+        // Without its data on disk the node did not shut down cleanly: the next start must
+        // recover from its activity log as after a crash.
+        let data_flushed = match self.disk.flush().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "final flush failed: the metadata stays marked unclean");
+                false
+            }
+        };
         let node = Arc::clone(self);
         let res = tokio::task::spawn_blocking(move || {
             let mut m = node.meta.lock().unwrap_or_else(|p| p.into_inner());
             m.flush_bitmap()?;
-            m.update(|sb| sb.flags.insert(Flags::CLEAN_SHUTDOWN))
+            if data_flushed {
+                m.update(|sb| sb.flags.insert(Flags::CLEAN_SHUTDOWN))?;
+            }
+            Ok::<(), crate::meta::MetaError>(())
         })
         .await;
         match res {
-            Ok(Ok(())) => tracing::info!("clean shutdown: data flushed, metadata marked clean"),
+            Ok(Ok(())) if data_flushed => {
+                tracing::info!("clean shutdown: data flushed, metadata marked clean")
+            }
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot mark the metadata clean"),
             Err(e) => tracing::error!(error = %e, "metadata task failed"),
         }
