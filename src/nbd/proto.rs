@@ -91,7 +91,8 @@ pub const ESHUTDOWN: u32 = 108;
 pub const REQUEST_LEN: usize = 28;
 /// Length of an option header (magic, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;
-/// Longest option payload accepted; longer ones are answered `NBD_REP_ERR_TOO_BIG` and skipped.
+/// Longest option payload accepted; longer ones are answered `NBD_REP_ERR_TOO_BIG` and
+/// skipped (`nbd::server`), up to a limit.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// Longest string (export name, message) the protocol allows.
 pub const MAX_STRING: usize = 4096;
@@ -410,7 +411,12 @@ pub fn check_request(req: &Request, lim: &Limits) -> Result<(), u32> {
         .checked_add(u64::from(req.len))
         .is_some_and(|end| end <= lim.size);
     if !in_range {
-        return Err(if writes { ENOSPC } else { EINVAL });
+        // The spec: ENOSPC for a write or write-zeroes past the end, EINVAL for a read or trim.
+        return Err(if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        });
     }
     Ok(())
 }
@@ -569,6 +575,10 @@ mod tests {
         );
         assert_eq!(
             check_request(&req(CMD_TRIM, 0, u64::MAX - 1, 9), &LIM),
+            Err(EINVAL)
+        );
+        assert_eq!(
+            check_request(&req(CMD_WRITE_ZEROES, 0, 1 << 20, 1), &LIM),
             Err(ENOSPC)
         );
         // Oversized payloads.

@@ -38,6 +38,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 512;
 /// Payload bytes in flight per connection (reads and writes) before it stops reading more.
 const MAX_IN_FLIGHT_BYTES: u64 = 256 << 20;
+/// Longest option payload read and dropped (answered `NBD_REP_ERR_TOO_BIG`); a longer one
+/// ends the negotiation.
+const MAX_SKIPPED_OPTION_LEN: u32 = 16 << 20;
 /// Connections accepted at once per listener.
 const MAX_CONNECTIONS: usize = 256;
 /// Largest read or write payload (the Linux client sends up to 32 MiB).
@@ -317,6 +320,19 @@ where
         let h = decode_option_header(&hdr)?;
         out.clear();
         if h.len > MAX_OPTION_LEN {
+            // EXPORT_NAME has no error reply; any other option's data is read and dropped,
+            // and the negotiation goes on, unless there is so much of it that the client can
+            // only mean to waste our time.
+            if h.option == OPT_EXPORT_NAME || h.len > MAX_SKIPPED_OPTION_LEN {
+                return Err(SessionError::OptionTooBig(h.len));
+            }
+            let mut rest = u64::from(h.len);
+            let mut sink = vec![0u8; 64 * 1024];
+            while rest > 0 {
+                let n = rest.min(sink.len() as u64) as usize;
+                r.read_exact(&mut sink[..n]).await?;
+                rest -= n as u64;
+            }
             encode_option_error(
                 &mut out,
                 h.option,
@@ -324,7 +340,7 @@ where
                 &format!("option data of {} bytes exceeds {MAX_OPTION_LEN}", h.len),
             );
             w.write_all(&out).await?;
-            return Err(SessionError::OptionTooBig(h.len));
+            continue;
         }
         let mut data = vec![0u8; h.len as usize];
         r.read_exact(&mut data).await?;
