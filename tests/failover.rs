@@ -1774,6 +1774,35 @@ fn disk_failure_primary_goes_diskless() {
     let a = pair.alpha.status();
     assert_eq!(a["disk"], "diskless", "{a:#}");
     assert_eq!(a["peer"]["disk"], "up_to_date", "{a:#}");
+
+    // A write beta confirmed and nobody flushed, then beta dies and returns: diskless alpha
+    // marks nothing (its peer holds all it acknowledged) and takes beta back.
+    let unflushed = vec![(48 * MIB, random(64 * KIB, 8))];
+    let mut c = client(&pair.alpha);
+    assert_eq!(c.write(unflushed[0].0, &unflushed[0].1).expect("write"), 0);
+    c.disconnect();
+    model.apply(&unflushed);
+    let mut pair = pair;
+    pair.beta.kill();
+    pair.alpha
+        .wait_status("alpha without its peer", Duration::from_secs(10), |s| {
+            s["connection"] != "connected"
+        });
+    pair.beta.start();
+    let a = pair.alpha.wait_status(
+        "alpha serving through beta again",
+        Duration::from_secs(15),
+        |s| s["connection"] == "connected" && s["peer"]["disk"] == "up_to_date",
+    );
+    assert_eq!(a["disk"], "diskless", "{a:#}");
+    let mut c = client(&pair.alpha);
+    let (o, l) = (unflushed[0].0, unflushed[0].1.len() as u64);
+    assert_same_bytes(
+        "alpha's export after beta's return",
+        &read_range(&mut c, o, l),
+        &model.bytes(o, l),
+    );
+    c.disconnect();
 }
 
 /// A primary that wrote while apart from its peer, then lost its disk, must not serve the

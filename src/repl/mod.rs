@@ -436,6 +436,8 @@ struct Peer {
     said_bye: AtomicBool,
     /// Size of the replicated device.
     device_size: u64,
+    /// Batches of acknowledgements this node sent on the link (`send_meta_batch`).
+    confirmations: AtomicU64,
 }
 
 impl Peer {
@@ -508,28 +510,34 @@ impl Peer {
             .await;
     }
 
-    /// [`Self::say_bye`], first running `flush` (of this node's disk) while no confirmation
-    /// can leave on the meta connection: if it succeeds, the goodbye says that everything
-    /// this node confirmed is durable, and the peer has nothing to mark for it.
+    /// [`Self::say_bye`], first running `flush` (of this node's disk): if it succeeds and no
+    /// confirmation left meanwhile, the goodbye says that everything this node confirmed is
+    /// durable, and the peer has nothing to mark. (A confirmation leaves only after its data
+    /// reached the page cache, so those sent before the flush began are covered by it.) The
+    /// meta connection stays free during the flush: pings go on, and the peer does not take
+    /// a slow flush for a dead node.
     async fn say_bye_flushed(
         &self,
         reason: &str,
         flush: Option<impl std::future::Future<Output = bool>>,
     ) {
         let limit = Duration::from_millis(500);
-        let _ = tokio::time::timeout(limit + SETTLE_AT_BYE, async {
+        let before = self.confirmations.load(Ordering::SeqCst);
+        let flushed = match flush {
+            _ if before == 0 => true,
+            Some(f) => tokio::time::timeout(SETTLE_AT_BYE, f)
+                .await
+                .unwrap_or(false),
+            None => false,
+        };
+        let _ = tokio::time::timeout(limit, async {
             let mut w = self.meta.lock().await;
-            let stable = match flush {
-                Some(f) => tokio::time::timeout(SETTLE_AT_BYE, f)
-                    .await
-                    .unwrap_or(false),
-                None => false,
-            };
+            let stable = flushed && self.confirmations.load(Ordering::SeqCst) == before;
             let bye = Msg::Bye {
                 reason: reason.to_string(),
                 stable,
             };
-            tokio::time::timeout(limit, w.send(&bye)).await
+            w.send(&bye).await
         })
         .await;
         let bye = Msg::Bye {
@@ -539,11 +547,12 @@ impl Peer {
         let _ = tokio::time::timeout(limit, self.send_data(&bye)).await;
     }
 
+    /// Sends the acknowledgements of applied frames (`Written`, `ResyncAck`, ...), counted
+    /// in `confirmations` before they leave.
     async fn send_meta_batch(&self, msgs: &[Msg]) -> Result<(), String> {
-        self.meta
-            .lock()
-            .await
-            .send_batch(msgs)
+        let mut w = self.meta.lock().await;
+        self.confirmations.fetch_add(1, Ordering::SeqCst);
+        w.send_batch(msgs)
             .await
             .map_err(|e| format!("sending acknowledgements to the peer: {e}"))
     }
@@ -641,20 +650,18 @@ impl Peer {
         Some((id, rx))
     }
 
-    /// Marks the link dead; returns what must now be marked out of sync by someone: writes
-    /// the peer never confirmed and whose submitters no longer wait, each with its activity
-    /// log hold (released once the mark is on disk), and everything the peer confirmed that
-    /// no flush of its disk has covered.
+    /// Marks the link dead; returns what must now be marked out of sync: every write the
+    /// peer never confirmed, with its activity log hold (released once the mark is on disk),
+    /// and everything the peer confirmed that no flush of its disk has covered.
     fn kill(&self) -> Vec<(u64, u64, Option<activity::Hold>)> {
         let mut g = lock(&self.inner);
         g.dead = true;
         self.replicating.store(false, Ordering::SeqCst);
         let mut orphans = Vec::new();
+        // A waiting submitter sees its sender dropped and marks the range itself too; its
+        // hold stays with the marking task until the mark is on disk either way.
         for (_, w) in g.writes.drain() {
-            // A waiting submitter sees its sender dropped and marks the range itself.
-            if w.ack.is_none() {
-                orphans.push((w.offset, w.len, Some(w.hold)));
-            }
+            orphans.push((w.offset, w.len, Some(w.hold)));
         }
         for (_, chunks) in g.unstable.drain(..) {
             orphans.extend(chunks.iter_dirty_runs().map(|(o, l)| (o, l, None)));
@@ -1031,6 +1038,9 @@ impl Replicator {
     }
 
     fn drop_link(&self, p: &Arc<Peer>, why: &str) {
+        // One caller kills the link: the check, the count and the kill happen under the lock
+        // of the marking chain, so two callers cannot both kill it nor publish out of order.
+        let mut chain = lock(&self.orphan_marks);
         if p.is_dead() {
             return;
         }
@@ -1059,10 +1069,14 @@ impl Replicator {
         lock(&self.view).resync = None;
         self.set_error(Some(why.to_string()));
         // Marked in the order links died; an activity log hold is released only once its
-        // range is marked on disk, so a crash meanwhile still finds it in the log.
+        // range is marked on disk, so a crash meanwhile still finds it in the log. A node
+        // without its disk marks nothing: the peer holds all it acknowledged, and its own
+        // disk needs a full copy anyway (a mark would also move its generation on, and its
+        // peer would then look behind: `evaluate_diskless`).
         let me = self.marker_handle();
-        let before = lock(&self.orphan_marks).take();
+        let before = chain.take();
         let done = self.marks_done.clone();
+        let diskless = self.health.diskless();
         let task = tokio::spawn(async move {
             if let Some(t) = before {
                 let _ = t.await;
@@ -1070,7 +1084,9 @@ impl Replicator {
             let mut holds = Vec::new();
             let mut ranges = Vec::with_capacity(orphans.len());
             for (o, l, hold) in orphans {
-                ranges.push((o, l));
+                if !diskless {
+                    ranges.push((o, l));
+                }
                 holds.extend(hold);
             }
             let marks = coalesce(ranges).into_iter().map(|(o, l)| {
@@ -1085,7 +1101,8 @@ impl Replicator {
             drop(holds);
             done.send_modify(|d| *d = (*d).max(seq));
         });
-        *lock(&self.orphan_marks) = Some(task);
+        *chain = Some(task);
+        drop(chain);
         self.changed.notify_one();
     }
 
@@ -1263,6 +1280,7 @@ impl Replicator {
             id: data.peer.node_id,
             said_bye: AtomicBool::new(false),
             device_size: self.size,
+            confirmations: AtomicU64::new(0),
         });
         peer.touch();
         *lock(&self.peer) = Some(Arc::clone(&peer));
@@ -1493,14 +1511,19 @@ impl Replicator {
                         }
                         w
                     };
+                    // A write the peer failed is marked here, while its activity log hold is
+                    // still in `w` (dropped at the end of this arm), then its submitter, if it
+                    // waits, gets the error (a node without its disk marks nothing).
+                    if let Some(w) = w.as_ref().filter(|_| errno != 0) {
+                        if !self.health.diskless() {
+                            self.marker.mark(w.offset, w.len).await?;
+                        }
+                    }
                     match w {
                         Some(PendingWrite { ack: Some(tx), .. }) => {
                             let _ = tx.send(errno);
                         }
-                        Some(PendingWrite { offset, len, .. }) if errno != 0 => {
-                            // Already answered (protocol A/B): the peer could not write it.
-                            self.marker.mark(offset, len).await?;
-                        }
+                        Some(_) if errno != 0 => {}
                         Some(_) => {
                             self.replicated.fetch_add(1, Ordering::Relaxed);
                         }
@@ -2321,7 +2344,10 @@ impl Replicator {
     ) -> Result<(), String> {
         // Only a chunk this node sent, as long as it sent it, is acknowledged. The clear
         // happens under the link's lock: once the link is dead nothing is cleared, so the
-        // marks its death makes (of this chunk, and of a newer write over it) stay.
+        // marks its death makes (of this chunk, and of a newer write over it) stay. The
+        // metadata is locked first (the order everywhere: metadata, then link), so no
+        // writer waits on the link's lock while this waits for a bitmap flush.
+        let mut m = lock(&self.meta);
         let mut g = lock(&peer.inner);
         if g.dead {
             return Ok(());
@@ -2348,8 +2374,9 @@ impl Replicator {
         }
         // In the peer's page cache: stable once a flush of its disk covers it.
         peer.confirmed(&mut g, offset, len);
-        lock(&self.meta).clear_clean_lazy(offset, len);
+        m.clear_clean_lazy(offset, len);
         drop(g);
+        drop(m);
         self.resynced.fetch_add(len, Ordering::Relaxed);
         if let Some(p) = lock(&self.view).resync.as_mut() {
             p.copied(len);
@@ -2804,12 +2831,9 @@ impl ReplicatedDisk {
                 Ok(())
             }
             _ => {
-                r.marker
-                    .mark(offset, len)
-                    .await
-                    .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
-                // Marked for the peer, kept by this disk, unless the disk was detached while
-                // the write waited: then no copy counts.
+                // Kept by this disk and marked for the peer, unless the disk was detached
+                // while the write waited: then no copy counts, and a node without its disk
+                // marks nothing (see `drop_link`).
                 if self.health.diskless() {
                     return Err(eio(
                         "write",
@@ -2818,6 +2842,10 @@ impl ReplicatedDisk {
                         "the local disk failed and the peer did not confirm the write",
                     ));
                 }
+                r.marker
+                    .mark(offset, len)
+                    .await
+                    .map_err(|e| meta_err("mark out of sync", offset, len, e))?;
                 Ok(())
             }
         }

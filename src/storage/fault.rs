@@ -6,8 +6,8 @@
 //! * `after=N`: the first N operations succeed, every later one fails;
 //! * `ranges=A+L;B+M`: operations touching `[A, A+L)` or `[B, B+M)` fail (byte offsets);
 //! * `ops=read|write|flush|all`: which operations may fail (default `all`; with `write`, a
-//!   flush counts as a write; `flush` alone, needing no `after` or `ranges`, fails every
-//!   flush and nothing else: a disk whose written data never becomes durable);
+//!   flush counts as a write; `flush` fails flushes only, and without `after` or `ranges`
+//!   every one of them: a disk whose written data never becomes durable);
 //! * `mode=error|hang`: a failing operation returns `EIO`, as a dying disk reports it
 //!   (default), or never completes, as a stuck device.
 //!
@@ -168,7 +168,8 @@ impl Faults {
         if !enabled {
             return false;
         }
-        if op == FaultOp::Flush && !self.spec.reads && !self.spec.writes {
+        let flushes_only = !self.spec.reads && !self.spec.writes;
+        if flushes_only && self.spec.after_ops.is_none() && self.spec.ranges.is_empty() {
             return true;
         }
         let n = self.ops.fetch_add(1, Ordering::Relaxed);
@@ -213,6 +214,11 @@ mod tests {
         assert!(f.fails(FaultOp::Flush, 0, 0));
         assert!(!f.fails(FaultOp::Write, 0, 4096));
         assert!(!f.fails(FaultOp::Read, 0, 4096));
+        // Flushes after the first two.
+        let f = Faults::new("after=2,ops=flush".parse().expect("parse"));
+        assert!(!f.fails(FaultOp::Flush, 0, 0));
+        assert!(!f.fails(FaultOp::Flush, 0, 0));
+        assert!(f.fails(FaultOp::Flush, 0, 0));
         // With ops=write a flush counts as a write.
         let w = Faults::new("after=0,ops=write".parse().expect("parse"));
         assert!(w.fails(FaultOp::Flush, 0, 0));
