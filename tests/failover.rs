@@ -51,6 +51,15 @@ const KIB: u64 = 1024;
 /// Heartbeat (interval, timeout) in ms for the tests that are not about the defaults.
 const QUICK_HEARTBEAT: (u64, u64) = (100, 500);
 
+/// Options for a pair of `size` bytes with the quick heartbeat.
+fn quick(size: u64) -> PairOpts {
+    PairOpts {
+        disk_size: size,
+        heartbeat_ms: Some(QUICK_HEARTBEAT),
+        ..PairOpts::default()
+    }
+}
+
 /// `len` deterministic random bytes.
 fn random(len: u64, seed: u64) -> Vec<u8> {
     SplitMix::new(seed).bytes(len as usize)
@@ -808,17 +817,10 @@ fn ext4_survives_failover() {
     }
     let _g = shared();
     let size = 128 * MIB;
-    let mut pair = Pair::up_with(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        |_| PairExtras {
-            sections: failover_section(true, "disconnect"),
-            ..PairExtras::default()
-        },
-    );
+    let mut pair = Pair::up_with(quick(size), |_| PairExtras {
+        sections: failover_section(true, "disconnect"),
+        ..PairExtras::default()
+    });
     // Declared after the pair: dropped (unmounted, detached) before the daemons stop.
     let mut on_alpha = BlockStack::default();
     let mut on_beta = BlockStack::default();
@@ -1327,11 +1329,7 @@ fn manual_switchover_and_refusals() {
     }
     let _g = shared();
     let size = 32 * MIB;
-    let pair = Pair::up(PairOpts {
-        disk_size: size,
-        heartbeat_ms: Some(QUICK_HEARTBEAT),
-        ..PairOpts::default()
-    });
+    let pair = Pair::up(quick(size));
     assert_refuses_as_secondary(&pair.beta, "beta, standby of a connected primary");
 
     let before = vec![
@@ -1456,11 +1454,7 @@ fn verify_count(out: &Output) -> u64 {
 fn verify_finds_exactly_corrupted_blocks() {
     let _g = shared();
     let size = 64 * MIB;
-    let pair = Pair::up(PairOpts {
-        disk_size: size,
-        heartbeat_ms: Some(QUICK_HEARTBEAT),
-        ..PairOpts::default()
-    });
+    let pair = Pair::up(quick(size));
     let data = vec![
         (0, random(2 * MIB, 1)),
         (10 * MIB, random(MIB, 2)),
@@ -1542,27 +1536,20 @@ fn verify_finds_exactly_corrupted_blocks() {
 #[test]
 fn handlers_get_their_environment() {
     let _g = shared();
-    let mut pair = Pair::up_with(
-        PairOpts {
-            disk_size: 16 * MIB,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        |p| {
-            let record = record_handler(&p.path(""));
-            PairExtras {
-                sections: handlers_section(&[
-                    ("on_promote", record.clone()),
-                    ("on_demote", record.clone()),
-                    (
-                        "on_peer_lost",
-                        format!("{record}; echo 'peer-lost handler gives up' >&2; exit 3"),
-                    ),
-                ]),
-                ..PairExtras::default()
-            }
-        },
-    );
+    let mut pair = Pair::up_with(quick(16 * MIB), |p| {
+        let record = record_handler(&p.path(""));
+        PairExtras {
+            sections: handlers_section(&[
+                ("on_promote", record.clone()),
+                ("on_demote", record.clone()),
+                (
+                    "on_peer_lost",
+                    format!("{record}; echo 'peer-lost handler gives up' >&2; exit 3"),
+                ),
+            ]),
+            ..PairExtras::default()
+        }
+    });
     let (alpha_log, beta_log) = (handler_log(&pair, "alpha"), handler_log(&pair, "beta"));
     let expect = |node: &str, role: &str, event: &str| {
         let peer = if node == "alpha" { "beta" } else { "alpha" };
@@ -1680,18 +1667,11 @@ fn disk_failure_primary_goes_diskless() {
     let _g = shared();
     let size = 128 * MIB;
     let bad = (64 * MIB, MIB);
-    let pair = Pair::up_with(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        |p| PairExtras {
-            sections: handlers_section(&[("on_disk_failure", record_handler(&p.path("")))]),
-            alpha_node: faults(bad),
-            ..PairExtras::default()
-        },
-    );
+    let pair = Pair::up_with(quick(size), |p| PairExtras {
+        sections: handlers_section(&[("on_disk_failure", record_handler(&p.path("")))]),
+        alpha_node: faults(bad),
+        ..PairExtras::default()
+    });
     let early = vec![
         (0, random(256 * KIB, 1)),
         (bad.0 - 64 * KIB, random(64 * KIB, 2)),
@@ -1812,17 +1792,10 @@ fn diskless_primary_refuses_a_peer_that_lacks_its_writes() {
     let _g = shared();
     let size = 32 * MIB;
     let bad = (16 * MIB, MIB);
-    let pair = Pair::up_with(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        |_| PairExtras {
-            alpha_node: faults(bad),
-            ..PairExtras::default()
-        },
-    );
+    let pair = Pair::up_with(quick(size), |_| PairExtras {
+        alpha_node: faults(bad),
+        ..PairExtras::default()
+    });
     pair.alpha.cli(&["disconnect"]).ok();
     pair.alpha
         .wait_status("alpha standalone", Duration::from_secs(10), |s| {
@@ -1875,15 +1848,7 @@ fn disk_failure_secondary_goes_diskless() {
         },
         ..PairExtras::default()
     };
-    let pair = pair_with_late_beta_faults(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        extras,
-        "beta back with a failing disk",
-    );
+    let pair = pair_with_late_beta_faults(quick(size), extras, "beta back with a failing disk");
     let fine = vec![(MIB, random(64 * KIB, 1))];
     write_blocks(&pair.alpha, &fine);
     assert_eq!(pair.beta.status()["disk"], "up_to_date");
@@ -2017,11 +1982,7 @@ fn writes_the_peer_never_flushed_are_resynced_after_it_dies() {
         ..PairExtras::default()
     };
     let mut pair = pair_with_late_beta_faults(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
+        quick(size),
         |_, faulty| extras(faulty),
         "beta back with flushes that never finish",
     );
@@ -2132,11 +2093,7 @@ fn a_verify_the_peer_cannot_read_fails_and_the_link_stays() {
     let _g = shared();
     let size = 16 * MIB;
     let pair = pair_with_late_beta_faults(
-        PairOpts {
-            disk_size: size,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
+        quick(size),
         |_, faulty| PairExtras {
             beta_node: if faulty {
                 format!("disk_faults = \"ranges={}+{},ops=read\"\n", 8 * MIB, MIB)
@@ -2155,21 +2112,14 @@ fn a_verify_the_peer_cannot_read_fails_and_the_link_stays() {
 
 /// A pair with `auto_promote = true` and an `on_peer_lost` handler that records its runs.
 fn disconnect_pair() -> Pair {
-    Pair::up_with(
-        PairOpts {
-            disk_size: 16 * MIB,
-            heartbeat_ms: Some(QUICK_HEARTBEAT),
-            ..PairOpts::default()
-        },
-        |p| PairExtras {
-            sections: format!(
-                "{}\n{}",
-                failover_section(true, "disconnect"),
-                handlers_section(&[("on_peer_lost", record_handler(&p.path("")))])
-            ),
-            ..PairExtras::default()
-        },
-    )
+    Pair::up_with(quick(16 * MIB), |p| PairExtras {
+        sections: format!(
+            "{}\n{}",
+            failover_section(true, "disconnect"),
+            handlers_section(&[("on_peer_lost", record_handler(&p.path("")))])
+        ),
+        ..PairExtras::default()
+    })
 }
 
 /// Polls both nodes for `period`; returns how many polls saw each linked, and the last
