@@ -616,6 +616,12 @@ impl Peer {
         !g.dead && !g.unstable.is_empty() && g.flushes.is_empty()
     }
 
+    /// Whether the peer confirmed something no flush covers yet (a flush may be on its way).
+    fn has_unstable(&self) -> bool {
+        let g = lock(&self.inner);
+        !g.dead && !g.unstable.is_empty()
+    }
+
     /// Registers a replicated write; `None` if the link is already dead.
     fn start_write(
         &self,
@@ -1433,7 +1439,7 @@ impl Replicator {
     /// [`Self::settle`], briefly, if there is anything to settle: a link ended on purpose
     /// then leaves nothing to resync.
     async fn settle_before_bye(peer: &Peer) {
-        if peer.needs_settle() {
+        if peer.has_unstable() {
             let _ = tokio::time::timeout(SETTLE_AT_BYE, Self::settle(peer)).await;
         }
     }
