@@ -173,6 +173,17 @@ fn read_range(c: &mut RawNbd, offset: u64, len: u64) -> Vec<u8> {
     out
 }
 
+/// Asserts that `c` reads from its export what `model` holds in every range of `ranges`.
+fn assert_export_matches(c: &mut RawNbd, what: &str, model: &Model, ranges: &[(u64, u64)]) {
+    for &(o, l) in ranges {
+        assert_same_bytes(
+            &format!("{what} at [{o}, +{l})"),
+            &read_range(c, o, l),
+            &model.bytes(o, l),
+        );
+    }
+}
+
 /// Flushes `node`'s export from a fresh client.
 fn flush_export(node: &PairNode) {
     let mut c = client(node);
@@ -1379,13 +1390,7 @@ fn manual_switchover_and_refusals() {
     assert_refuses_as_secondary(&pair.alpha, "alpha, standby of beta");
     // What alpha's clients wrote is there on beta...
     let mut c = client(&pair.beta);
-    for &(o, l) in &all {
-        assert_same_bytes(
-            &format!("beta's export at {o} after the switchover"),
-            &read_range(&mut c, o, l),
-            &model.bytes(o, l),
-        );
-    }
+    assert_export_matches(&mut c, "beta's export after the switchover", &model, &all);
     // ...and what beta's clients write reaches alpha.
     let on_beta = vec![
         (3 * MIB, random(256 * KIB, 5)),
@@ -1718,13 +1723,7 @@ fn disk_failure_primary_goes_diskless() {
     all.push((8 * MIB, 64 * KIB));
     all.push(bad);
     let mut c = client(&pair.alpha);
-    for &(o, l) in &all {
-        assert_same_bytes(
-            &format!("alpha's export at [{o}, +{l}) while diskless"),
-            &read_range(&mut c, o, l),
-            &model.bytes(o, l),
-        );
-    }
+    assert_export_matches(&mut c, "alpha's export while diskless", &model, &all);
     // The whole device, as beta holds it.
     let t = Instant::now();
     let mut off = 0;
@@ -1776,11 +1775,11 @@ fn disk_failure_primary_goes_diskless() {
     );
     assert_eq!(a["disk"], "diskless", "{a:#}");
     let mut c = client(&pair.alpha);
-    let (o, l) = (unflushed[0].0, unflushed[0].1.len() as u64);
-    assert_same_bytes(
+    assert_export_matches(
+        &mut c,
         "alpha's export after beta's return",
-        &read_range(&mut c, o, l),
-        &model.bytes(o, l),
+        &model,
+        &ranges(&unflushed),
     );
     c.disconnect();
 }
@@ -1814,15 +1813,11 @@ fn diskless_primary_refuses_a_peer_that_lacks_its_writes() {
         });
 
     pair.alpha.cli(&["connect"]).ok();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !pair.alpha.log().contains("lacks writes it acknowledged") {
-        assert!(
-            Instant::now() < deadline,
-            "alpha did not refuse beta's data: {:#}",
-            pair.alpha.status()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_log_line(
+        &pair.alpha,
+        &["lacks writes it acknowledged"],
+        Duration::from_secs(15),
+    );
     let a = pair.alpha.status();
     assert_eq!(a["connection"], "standalone", "{a:#}");
     // Beta's older copy of block 0 is not served as if it were alpha's.
@@ -1886,13 +1881,7 @@ fn disk_failure_secondary_goes_diskless() {
     all.extend(ranges(&hit));
     all.extend(ranges(&later));
     let mut c = client(&pair.alpha);
-    for &(o, l) in &all {
-        assert_same_bytes(
-            &format!("alpha's export at [{o}, +{l})"),
-            &read_range(&mut c, o, l),
-            &model.bytes(o, l),
-        );
-    }
+    assert_export_matches(&mut c, "alpha's export", &model, &all);
     c.disconnect();
     assert_file_matches("alpha's disk", &pair.alpha.disk, &model, &all);
     let a = pair.alpha.status();

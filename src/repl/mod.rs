@@ -49,8 +49,11 @@ const APPLY_MAX_IN_FLIGHT: usize = 1024;
 /// How often the primary asks its peer to flush what it confirmed since the last flush: what
 /// a lost link marks for a resync beyond the writes in flight (`Peer::unstable`).
 const SETTLE_EVERY: Duration = Duration::from_secs(30);
-/// The unit in which a link remembers what its peer confirmed and has not flushed: a lost
-/// link marks whole chunks, and a device of 1 TiB needs 2 MiB per epoch to track them.
+/// What a link remembers of one flush epoch's confirmations: the exact ranges while there
+/// are at most `UNSTABLE_RANGES` (a client that flushes often costs a short list per flush),
+/// then the `UNSTABLE_CHUNK`s they touch (a lost link then marks whole chunks; a device of
+/// 1 TiB needs 2 MiB per such epoch).
+const UNSTABLE_RANGES: usize = 4096;
 const UNSTABLE_CHUNK: u32 = 64 * 1024;
 /// How long a node ending the link on purpose waits for the peer's last flush.
 const SETTLE_AT_BYE: Duration = Duration::from_secs(2);
@@ -276,17 +279,25 @@ type ApplyFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<Msg>, String>> + Send>>;
 
 /// Marks ranges out of sync in the persistent bitmap, batching concurrent requests into one
-/// durable write (group commit).
+/// durable write (group commit). A node without its disk marks nothing: its peer holds all
+/// it acknowledged, its own disk needs a full copy anyway, and a mark would move its
+/// generation on, making its peer look behind (`evaluate_diskless`).
+#[derive(Clone)]
 pub struct DirtyMarker {
     meta: Arc<Mutex<MetaStore>>,
     primary: Arc<AtomicBool>,
+    health: Arc<DiskHealth>,
     tx: mpsc::UnboundedSender<MarkRequest>,
     /// Signalled after every durable mark: a link that is up must copy what was marked.
     marked: Arc<Notify>,
 }
 
 impl DirtyMarker {
-    fn spawn(meta: Arc<Mutex<MetaStore>>, primary: Arc<AtomicBool>) -> DirtyMarker {
+    fn spawn(
+        meta: Arc<Mutex<MetaStore>>,
+        primary: Arc<AtomicBool>,
+        health: Arc<DiskHealth>,
+    ) -> DirtyMarker {
         let marked = Arc::new(Notify::new());
         let kick = Arc::clone(&marked);
         let (tx, mut rx) = mpsc::unbounded_channel::<MarkRequest>();
@@ -322,6 +333,7 @@ impl DirtyMarker {
         DirtyMarker {
             meta,
             primary,
+            health,
             tx,
             marked,
         }
@@ -341,6 +353,9 @@ impl DirtyMarker {
     /// flush. The first such write of a primary that lost its peer goes through [`Self::mark`],
     /// which moves the data generation on durably first.
     pub async fn mark_held(&self, offset: u64, len: u64) -> Result<(), String> {
+        if self.health.diskless() {
+            return Ok(());
+        }
         {
             let mut m = lock(&self.meta);
             if self.tracking(&m) {
@@ -357,6 +372,9 @@ impl DirtyMarker {
 
     /// Returns once `[offset, offset+len)` is marked out of sync on disk.
     pub async fn mark(&self, offset: u64, len: u64) -> Result<(), String> {
+        if self.health.diskless() {
+            return Ok(());
+        }
         {
             let m = lock(&self.meta);
             if self.tracking(&m) && m.bitmap().is_all_dirty(offset, len) {
@@ -393,11 +411,11 @@ struct PeerInner {
     /// Flushes and settles sent: id → (when, the epoch they cover, who waits).
     flushes: HashMap<u64, (Instant, u64, Option<oneshot::Sender<u32>>)>,
     /// What the peer has confirmed (writes, trims, zero-writes: `Written`; resync chunks:
-    /// `ResyncAck`) but no flush of its disk has covered yet: per epoch, oldest first, the
-    /// `UNSTABLE_CHUNK`s it touched. The peer confirms once the data is in its page cache:
-    /// should it crash before writing them back, these chunks are what it lost, so a lost
-    /// link marks them out of sync with the writes it never confirmed (`Peer::kill`).
-    unstable: VecDeque<(u64, Bitmap)>,
+    /// `ResyncAck`) but no flush of its disk has covered yet, per epoch, oldest first. The
+    /// peer confirms once the data is in its page cache: should it crash before writing it
+    /// back, this is what it lost, so a lost link marks it out of sync with the writes it
+    /// never confirmed (`Peer::kill`).
+    unstable: VecDeque<(u64, Confirmed)>,
     /// Counts the flushes sent: a confirmation received before flush number `e` was sent
     /// carries an epoch of at most `e`, and that flush's success makes it stable.
     epoch: u64,
@@ -571,11 +589,10 @@ impl Peer {
     fn confirmed(&self, g: &mut PeerInner, offset: u64, len: u64) {
         let epoch = g.epoch;
         if g.unstable.back().is_none_or(|(e, _)| *e != epoch) {
-            g.unstable
-                .push_back((epoch, Bitmap::new(self.device_size, UNSTABLE_CHUNK)));
+            g.unstable.push_back((epoch, Confirmed::Ranges(Vec::new())));
         }
-        if let Some((_, chunks)) = g.unstable.back_mut() {
-            chunks.set_range(offset, len);
+        if let Some((_, c)) = g.unstable.back_mut() {
+            c.add(self.device_size, offset, len);
         }
     }
 
@@ -591,6 +608,24 @@ impl Peer {
         g.epoch += 1;
         g.flushes.insert(id, (Instant::now(), covers, waiter));
         Some(id)
+    }
+
+    /// Asks the peer to flush its disk and waits for the answer: a Flush (`barrier`: it
+    /// waits for every earlier write there) or a Settle (what the peer confirmed so far).
+    async fn flush_disk(&self, barrier: bool) -> Result<(), FlushError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.start_flush(Some(tx)).ok_or(FlushError::Lost)?;
+        let msg = if barrier {
+            Msg::Flush { id }
+        } else {
+            Msg::Settle { id }
+        };
+        self.send_data(&msg).await.map_err(FlushError::Send)?;
+        match rx.await {
+            Ok(0) => Ok(()),
+            Ok(errno) => Err(FlushError::Failed(errno)),
+            Err(_) => Err(FlushError::Lost),
+        }
     }
 
     /// The peer's answer to a flush or settle.
@@ -610,16 +645,11 @@ impl Peer {
         }
     }
 
-    /// Whether the peer confirmed something no flush covers yet, and no flush is on its way.
-    fn needs_settle(&self) -> bool {
+    /// Whether the peer confirmed something no flush covers yet; with `idle`, only if no
+    /// flush is on its way either.
+    fn has_unstable(&self, idle: bool) -> bool {
         let g = lock(&self.inner);
-        !g.dead && !g.unstable.is_empty() && g.flushes.is_empty()
-    }
-
-    /// Whether the peer confirmed something no flush covers yet (a flush may be on its way).
-    fn has_unstable(&self) -> bool {
-        let g = lock(&self.inner);
-        !g.dead && !g.unstable.is_empty()
+        !g.dead && !g.unstable.is_empty() && (!idle || g.flushes.is_empty())
     }
 
     /// Registers a replicated write; `None` if the link is already dead.
@@ -669,8 +699,8 @@ impl Peer {
         for (_, w) in g.writes.drain() {
             orphans.push((w.offset, w.len, Some(w.hold)));
         }
-        for (_, chunks) in g.unstable.drain(..) {
-            orphans.extend(chunks.iter_dirty_runs().map(|(o, l)| (o, l, None)));
+        for (_, c) in g.unstable.drain(..) {
+            orphans.extend(c.ranges().into_iter().map(|(o, l)| (o, l, None)));
         }
         g.flushes.clear();
         g.resync.clear();
@@ -682,6 +712,52 @@ impl Peer {
         self.decided.notify_waiters();
         orphans
     }
+}
+
+/// The confirmations of one flush epoch (`PeerInner::unstable`).
+enum Confirmed {
+    Ranges(Vec<(u64, u64)>),
+    Chunks(Bitmap),
+}
+
+impl Confirmed {
+    fn add(&mut self, device_size: u64, offset: u64, len: u64) {
+        match self {
+            Confirmed::Ranges(v) if v.len() < UNSTABLE_RANGES => v.push((offset, len)),
+            Confirmed::Ranges(v) => {
+                let mut chunks = Bitmap::new(device_size, UNSTABLE_CHUNK);
+                for (o, l) in v.drain(..) {
+                    chunks.set_range(o, l);
+                }
+                chunks.set_range(offset, len);
+                *self = Confirmed::Chunks(chunks);
+            }
+            Confirmed::Chunks(chunks) => {
+                chunks.set_range(offset, len);
+            }
+        }
+    }
+
+    fn ranges(self) -> Vec<(u64, u64)> {
+        match self {
+            Confirmed::Ranges(v) => v,
+            Confirmed::Chunks(chunks) => chunks.iter_dirty_runs().collect(),
+        }
+    }
+}
+
+/// Why a flush of the peer's disk did not happen.
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    #[error("no peer is replicating")]
+    NoPeer,
+    #[error("the link to the peer was lost")]
+    Lost,
+    /// Sending the request failed (the link is to be dropped).
+    #[error("{0}")]
+    Send(String),
+    #[error("the peer could not flush its disk (errno {0})")]
+    Failed(u32),
 }
 
 /// What a resync has sent so far, for its rate limit and its periodic bitmap flush.
@@ -784,7 +860,8 @@ impl Replicator {
     ) -> Arc<Replicator> {
         let size = lock(&meta).data_size();
         let primary = Arc::new(AtomicBool::new(false));
-        let marker = DirtyMarker::spawn(Arc::clone(&meta), Arc::clone(&primary));
+        let marker =
+            DirtyMarker::spawn(Arc::clone(&meta), Arc::clone(&primary), Arc::clone(&health));
         let (incoming_tx, incoming) = mpsc::channel(16);
         let activity = activity::ActivityLog::new(Arc::clone(&meta), set.al_extents);
         Arc::new(Replicator {
@@ -848,6 +925,17 @@ impl Replicator {
 
     fn current_peer(&self) -> Option<Arc<Peer>> {
         lock(&self.peer).clone()
+    }
+
+    /// Flushes the replicating peer's disk (a Flush: it waits for every earlier write there);
+    /// `Err` says why it did not happen.
+    async fn flush_peer(&self) -> Result<(), FlushError> {
+        let p = self.replicating_peer().await.ok_or(FlushError::NoPeer)?;
+        let res = p.flush_disk(true).await;
+        if let Err(FlushError::Send(e)) = &res {
+            self.drop_link(&p, e);
+        }
+        res
     }
 
     /// The peer application writes must go to, if any. While a new link has not decided yet
@@ -1075,14 +1163,10 @@ impl Replicator {
         lock(&self.view).resync = None;
         self.set_error(Some(why.to_string()));
         // Marked in the order links died; an activity log hold is released only once its
-        // range is marked on disk, so a crash meanwhile still finds it in the log. A node
-        // without its disk marks nothing: the peer holds all it acknowledged, and its own
-        // disk needs a full copy anyway (a mark would also move its generation on, and its
-        // peer would then look behind: `evaluate_diskless`).
-        let me = self.marker_handle();
+        // range is marked on disk, so a crash meanwhile still finds it in the log.
+        let me = self.marker.clone();
         let before = chain.take();
         let done = self.marks_done.clone();
-        let diskless = self.health.diskless();
         let task = tokio::spawn(async move {
             if let Some(t) = before {
                 let _ = t.await;
@@ -1090,9 +1174,7 @@ impl Replicator {
             let mut holds = Vec::new();
             let mut ranges = Vec::with_capacity(orphans.len());
             for (o, l, hold) in orphans {
-                if !diskless {
-                    ranges.push((o, l));
-                }
+                ranges.push((o, l));
                 holds.extend(hold);
             }
             let marks = coalesce(ranges).into_iter().map(|(o, l)| {
@@ -1123,15 +1205,6 @@ impl Replicator {
         let target = self.marks_started.load(Ordering::SeqCst);
         let mut rx = self.marks_done.subscribe();
         let _ = rx.wait_for(|d| *d >= target).await;
-    }
-
-    fn marker_handle(&self) -> DirtyMarker {
-        DirtyMarker {
-            meta: Arc::clone(&self.marker.meta),
-            primary: Arc::clone(&self.marker.primary),
-            tx: self.marker.tx.clone(),
-            marked: Arc::clone(&self.marker.marked),
-        }
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -1414,7 +1487,7 @@ impl Replicator {
                 _ = tick.tick() => {}
                 _ = closed.wait_for(|c| *c) => return Ok(()),
             }
-            if peer.needs_settle() {
+            if peer.has_unstable(true) {
                 if let Some(id) = peer.start_flush(None) {
                     peer.send_data(&Msg::Settle { id }).await?;
                 }
@@ -1424,22 +1497,13 @@ impl Replicator {
 
     /// Asks the peer to flush everything it has confirmed, and waits for its answer.
     async fn settle(peer: &Peer) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        let id = peer
-            .start_flush(Some(tx))
-            .ok_or_else(|| "link lost".to_string())?;
-        peer.send_data(&Msg::Settle { id }).await?;
-        match rx.await {
-            Ok(0) => Ok(()),
-            Ok(errno) => Err(format!("the peer could not flush its disk (errno {errno})")),
-            Err(_) => Err("link lost while the peer flushed its disk".into()),
-        }
+        peer.flush_disk(false).await.map_err(|e| e.to_string())
     }
 
     /// [`Self::settle`], briefly, if there is anything to settle: a link ended on purpose
     /// then leaves nothing to resync.
     async fn settle_before_bye(peer: &Peer) {
-        if peer.has_unstable() {
+        if peer.has_unstable(false) {
             let _ = tokio::time::timeout(SETTLE_AT_BYE, Self::settle(peer)).await;
         }
     }
@@ -1519,11 +1583,9 @@ impl Replicator {
                     };
                     // A write the peer failed is marked here, while its activity log hold is
                     // still in `w` (dropped at the end of this arm), then its submitter, if it
-                    // waits, gets the error (a node without its disk marks nothing).
+                    // waits, gets the error.
                     if let Some(w) = w.as_ref().filter(|_| errno != 0) {
-                        if !self.health.diskless() {
-                            self.marker.mark(w.offset, w.len).await?;
-                        }
+                        self.marker.mark(w.offset, w.len).await?;
                     }
                     match w {
                         Some(PendingWrite { ack: Some(tx), .. }) => {
@@ -2838,8 +2900,7 @@ impl ReplicatedDisk {
             }
             _ => {
                 // Kept by this disk and marked for the peer, unless the disk was detached
-                // while the write waited: then no copy counts, and a node without its disk
-                // marks nothing (see `drop_link`).
+                // while the write waited: then no copy counts.
                 if self.health.diskless() {
                     return Err(eio(
                         "write",
@@ -3048,51 +3109,32 @@ impl Backend for ReplicatedDisk {
         if !diskless {
             local?;
         }
-        // Without a local disk the peer's flush is the only one: no peer, or a link lost
-        // before it was asked, is a failed flush; with one, the local flush was the promise.
-        let without_peer = |why: &str| {
-            if diskless {
+        let Some(r) = &self.repl else {
+            return if diskless {
                 Err(eio(
                     "flush",
                     0,
                     0,
-                    &format!("the local disk failed and {why}"),
+                    "the local disk failed and there is no peer",
                 ))
             } else {
                 Ok(())
-            }
+            };
         };
-        let Some(r) = &self.repl else {
-            return without_peer("there is no peer");
-        };
-        // With the link lost, what the peer confirmed but never flushed may be gone with it:
-        // the flush succeeds on the local disk once those ranges are marked on disk.
-        let Some(p) = r.replicating_peer().await else {
-            r.unconfirmed_marked().await;
-            return without_peer("there is no peer");
-        };
-        let (tx, rx) = oneshot::channel();
-        let Some(id) = p.start_flush(Some(tx)) else {
-            r.unconfirmed_marked().await;
-            return without_peer("the link to the peer was lost");
-        };
-        if let Err(e) = p.send_data(&Msg::Flush { id }).await {
-            r.drop_link(&p, &e);
-            r.unconfirmed_marked().await;
-            return without_peer("the link to the peer was lost");
-        }
-        // A lost link leaves the peer to be resynced; the local flush is what was promised
-        // (without a local disk, the peer's flush is).
-        // (The disk may also have been detached while the flush waited.)
-        match rx.await {
-            Ok(0) => Ok(()),
-            _ if diskless || self.health.diskless() => Err(eio(
+        match r.flush_peer().await {
+            Ok(()) => Ok(()),
+            // Without a local disk (or with one detached while the flush waited) the peer's
+            // flush is the only one.
+            Err(why) if diskless || self.health.diskless() => Err(eio(
                 "flush",
                 0,
                 0,
-                "the local disk failed and the peer did not flush",
+                &format!("the local disk failed and {why}"),
             )),
-            _ => {
+            // The local flush is what was promised; what the peer confirmed and never
+            // flushed may be gone with the link, so the flush succeeds once those ranges are
+            // marked on disk for the next resync.
+            Err(_) => {
                 r.unconfirmed_marked().await;
                 Ok(())
             }

@@ -62,7 +62,12 @@ fn side_on_disk(dir: &std::path::Path, node: &str, primary: bool, id: u64) -> Si
 fn pair(dir: &std::path::Path) -> (Arc<Mutex<MetaStore>>, Arc<Mutex<MetaStore>>, DirtyMarker) {
     let alpha = node(dir, "alpha", NEW, OLD);
     let beta = node(dir, "beta", OLD, 0);
-    let marker = DirtyMarker::spawn(Arc::clone(&alpha), Arc::new(AtomicBool::new(true)));
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let marker = DirtyMarker::spawn(
+        Arc::clone(&alpha),
+        Arc::new(AtomicBool::new(true)),
+        DiskHealth::new(tx),
+    );
     assert_eq!(
         decide(
             &side_on_disk(dir, "alpha", true, 1),
@@ -211,4 +216,33 @@ fn pieces_cut_at_multiples_of_the_piece() {
     // Near the top of the u64 range nothing overflows.
     let top = u64::MAX - 10;
     assert_eq!(all(top, 10, 8 * m), vec![(top, 10)]);
+}
+
+/// An epoch's confirmations: exact ranges while few, 64 KiB chunks covering every one of
+/// them once many.
+#[test]
+fn confirmed_ranges_turn_into_chunks_that_cover_them() {
+    let size = 1 << 30;
+    let mut c = Confirmed::Ranges(Vec::new());
+    c.add(size, 4096, 4096);
+    c.add(size, 1 << 20, 512);
+    assert!(matches!(&c, Confirmed::Ranges(v) if v.len() == 2));
+    let mut c2 = Confirmed::Ranges(Vec::new());
+    let writes: Vec<(u64, u64)> = (0..=UNSTABLE_RANGES as u64)
+        .map(|i| (i * 3 * 65536 + 8192, 4096))
+        .collect();
+    for &(o, l) in &writes {
+        c2.add(size, o, l);
+    }
+    assert!(matches!(c2, Confirmed::Chunks(_)));
+    let marked = c2.ranges();
+    for &(o, l) in &writes {
+        assert!(
+            marked.iter().any(|&(mo, ml)| mo <= o && o + l <= mo + ml),
+            "[{o}, +{l}) not covered"
+        );
+    }
+    let total: u64 = marked.iter().map(|r| r.1).sum();
+    assert_eq!(total, writes.len() as u64 * u64::from(UNSTABLE_CHUNK));
+    assert_eq!(c.ranges(), vec![(4096, 4096), (1 << 20, 512)]);
 }
